@@ -1,0 +1,141 @@
+"""The public functions: ``apply``, ``remove``, ``describe``, ``get_spec``.
+
+This module knows no host library: it validates arguments, asks the adapter registry for the
+model's attention layers, builds a :class:`~attnmask.spec.MaskSpec` and lets the adapter
+install it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, TypeVar
+
+from torch import nn
+
+from .adapters import adapter_named, find_adapter
+from .kernels import BACKENDS, resolve_backend
+from .report import LayerRow, MaskReport
+from .spec import Heads, LayerPlan, MaskSpec, check_choice, check_prefix, normalize_window, resolve_heads
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+SPEC_ATTR = "_attnmask_spec"
+
+
+def get_spec(model: nn.Module) -> Optional[MaskSpec]:
+    """The :class:`MaskSpec` of a patched model, or ``None`` if it is not patched."""
+    return model.__dict__.get(SPEC_ATTR)
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``attnmask.apply`` has patched ``model`` (and ``remove`` has not undone it)."""
+    return get_spec(model) is not None
+
+
+def apply(
+    model: ModelT,
+    heads: Heads = 0.5,
+    window: Any = 7,
+    *,
+    prefix: str = "global",
+    backend: str = "auto",
+) -> ModelT:
+    """Make chosen attention heads of ``model`` local, in place.
+
+    Each patch token of a masked head attends only to the patches in a ``window``
+    neighbourhood around itself (clipped at the grid border); prefix tokens (class,
+    distillation, register tokens) stay global. Weights, parameter names and the state_dict
+    do not change. Calling ``apply`` on a patched model replaces its masks.
+
+    Args:
+        model: A supported vision transformer (see the error for unsupported ones).
+        heads: Which heads to mask in each attention layer:
+
+            - ``int`` ``n``: the first ``n`` heads of every layer (``0`` masks none);
+            - ``float`` ``f`` in ``(0, 1]``: ``floor(f * num_heads)`` heads, at least 1;
+            - ``"all"`` or ``"none"``;
+            - a sequence of head indices, the same in every layer;
+            - a mapping ``{layer_index: heads}`` (layers not named stay unmasked);
+            - a callable ``(layer_index, num_layers, num_heads) -> heads`` (any form above).
+        window: Odd int ``k`` for a ``k x k`` neighbourhood, or a pair of odd ints
+            ``(kh, kw)`` (rows, columns).
+        prefix: ``"global"`` (prefix tokens attend to everything and are visible to every
+            query) or ``"isolated"`` (patch queries of masked heads do not see prefix tokens).
+        backend: ``"auto"`` (chosen per device and shape), ``"sdpa"`` or ``"reference"``
+            (float64, for tests).
+
+    Returns:
+        The same ``model``, patched.
+
+    Raises:
+        TypeError, ValueError: For bad arguments or an unsupported model. Everything is
+            validated before anything is patched: a failing call leaves ``model`` untouched.
+    """
+    window = normalize_window(window)
+    prefix = check_prefix(prefix)
+    check_choice("backend", backend, BACKENDS)
+    resolved_backend = resolve_backend(backend)
+    adapter = find_adapter(model)
+    sites = adapter.sites(model)
+    if not sites:
+        raise TypeError(f"attnmask found no attention layers to patch in {type(model).__name__}")
+    chosen = resolve_heads(heads, [site.num_heads for site in sites])
+    spec = MaskSpec(
+        family=adapter.name,
+        layers=tuple(site.name for site in sites),
+        num_heads=tuple(site.num_heads for site in sites),
+        heads=chosen,
+        window=window,
+        prefix=prefix,
+        backend=backend,
+    )
+    previous = get_spec(model)
+    if previous is not None:
+        remove(model)
+    try:
+        _install(model, adapter, sites, spec, resolved_backend)
+    except BaseException:
+        adapter.uninstall(model, spec.layers)
+        model.__dict__.pop(SPEC_ATTR, None)
+        if previous is not None:
+            _install(model, adapter_named(previous.family), adapter.sites(model), previous, resolve_backend(previous.backend))
+        raise
+    return model
+
+
+def _install(model: nn.Module, adapter, sites, spec: MaskSpec, backend: str) -> None:
+    plans = [
+        LayerPlan(site.layer, site.num_heads, spec.heads[site.layer], spec.window, spec.prefix, backend)
+        for site in sites
+        if spec.heads[site.layer]
+    ]
+    adapter.install(model, [site for site in sites if spec.heads[site.layer]], plans)
+    model.__dict__[SPEC_ATTR] = spec
+
+
+def remove(model: ModelT) -> ModelT:
+    """Undo :func:`apply`: restore the original attention modules exactly, in place.
+
+    A model that is not patched is returned unchanged.
+    """
+    spec = get_spec(model)
+    if spec is None:
+        return model
+    adapter_named(spec.family).uninstall(model, spec.layers)
+    del model.__dict__[SPEC_ATTR]
+    return model
+
+
+def describe(model: nn.Module) -> MaskReport:
+    """Which layers and heads of ``model`` are masked, with window, grid and backend.
+
+    ``print(describe(model))`` shows a table; ``describe(model).to_dict()`` gives the same
+    as plain data. Works on unpatched models of supported families too (nothing masked).
+    """
+    spec = get_spec(model)
+    adapter = adapter_named(spec.family) if spec is not None else find_adapter(model)
+    if spec is None:
+        sites = adapter.sites(model)
+        rows = [LayerRow(s.layer, s.name, s.num_heads, ()) for s in sites]
+        return MaskReport(adapter.name, rows, None, adapter.grid(model), "global", None, None)
+    rows = [LayerRow(i, name, n, chosen) for i, (name, n, chosen) in enumerate(zip(spec.layers, spec.num_heads, spec.heads))]
+    return MaskReport(adapter.name, rows, spec.window, adapter.grid(model), spec.prefix, spec.backend, resolve_backend(spec.backend), spec)

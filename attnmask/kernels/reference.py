@@ -1,0 +1,47 @@
+"""Reference masked attention: explicit softmax in float64 (slow; for tests)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..masks import LocalMask
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: LocalMask,
+    *,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + host mask, masked by the locality mask) v`` in float64.
+
+    The locality mask is the dense evaluation of the layer's per-head ``mask_mod`` (see
+    :mod:`attnmask.masks`), so this checks every other backend against the one definition.
+    The result is cast back to ``q``'s dtype. Dropout is not supported (it is random).
+
+    Args:
+        q, k, v: ``(batch, heads, tokens, head_dim)``.
+        mask: The layer's :class:`~attnmask.masks.LocalMask`.
+        attn_mask: The host model's own mask (boolean, True = attend, or additive).
+        dropout_p: Must be 0.
+        scale: Softmax scale; ``None`` means ``head_dim ** -0.5``.
+    """
+    if dropout_p:
+        raise ValueError(f"dropout_p={dropout_p!r} is not accepted by the reference backend: it is deterministic (use 0.0)")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    logits = (q64 @ k64.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask.double()
+    allowed = mask.dense(q.device)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    return (logits.softmax(dim=-1) @ v64).to(q.dtype)

@@ -1,0 +1,204 @@
+"""Locality masks: pure functions of geometry, knowing nothing of models.
+
+Tokens are laid out as ``prefix_tokens`` prefix tokens (class, distillation, register
+tokens) followed by the ``H x W`` patch tokens in row-major order, as every supported host
+model does. A *masked* (local) head lets a patch query attend only to the patches inside a
+``kh x kw`` window centred on itself, clipped at the grid border. Prefix tokens stay
+global.
+
+There is one definition of the mask: :func:`local_window`, a closure
+``(batch, head, q_idx, kv_idx) -> bool`` in attention-gym's ``mask_mod`` shape (``True``
+means "may attend"). Evaluated on broadcast ``arange``s it gives the dense boolean mask
+that SDPA takes; passed as-is it is a FlexAttention ``mask_mod``. Every backend derives its
+mask from it, so backends agree by construction.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(batch, head, q_idx, kv_idx) -> bool tensor``; ``True`` where attention is allowed."""
+
+PREFIX_POLICIES = ("global", "isolated")
+"""How masked heads treat prefix tokens.
+
+- ``"global"``: prefix tokens attend to every token and every query may attend to them
+  (both ways global; the default).
+- ``"isolated"``: prefix tokens still attend to every token, but patch queries of masked
+  heads see only the patches in their window, not the prefix tokens.
+"""
+
+
+def token_coords(idx: torch.Tensor, prefix_tokens: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column on the patch grid of token indices (prefix tokens get negative rows).
+
+    Args:
+        idx: Integer tensor of token indices.
+        prefix_tokens: Number of prefix tokens before the patch tokens.
+        width: Width ``W`` of the patch grid.
+
+    Returns:
+        ``(row, col)`` tensors shaped like ``idx``.
+    """
+    patch = idx - prefix_tokens
+    return torch.div(patch, width, rounding_mode="floor"), torch.remainder(patch, width)
+
+
+def local_window(
+    grid: tuple[int, int],
+    window: tuple[int, int],
+    prefix_tokens: int = 0,
+    prefix: str = "global",
+) -> MaskMod:
+    """Mask of one local head: each patch attends to its ``kh x kw`` neighbourhood.
+
+    Args:
+        grid: Patch grid ``(H, W)``.
+        window: Neighbourhood ``(kh, kw)``, odd sizes, centred on the query patch and
+            clipped at the grid border (a corner patch of a 3 x 3 window sees 4 patches).
+        prefix_tokens: Number of prefix tokens (class, distillation, registers) placed
+            before the patch tokens.
+        prefix: Prefix policy, one of :data:`PREFIX_POLICIES`.
+
+    Returns:
+        A ``mask_mod`` closure ``(b, h, q_idx, kv_idx) -> bool``, independent of ``b``, ``h``.
+    """
+    _, width = grid
+    radius_h, radius_w = window[0] // 2, window[1] // 2
+
+    def local_window_mask(b, h, q_idx, kv_idx):
+        q_row, q_col = token_coords(q_idx, prefix_tokens, width)
+        kv_row, kv_col = token_coords(kv_idx, prefix_tokens, width)
+        near = ((q_row - kv_row).abs() <= radius_h) & ((q_col - kv_col).abs() <= radius_w)
+        q_prefix = q_idx < prefix_tokens
+        kv_prefix = kv_idx < prefix_tokens
+        if prefix == "global":
+            return q_prefix | kv_prefix | near
+        return q_prefix | (~kv_prefix & near)
+
+    return local_window_mask
+
+
+def select_heads(mask_mod: MaskMod, head_is_local: torch.Tensor) -> MaskMod:
+    """Apply ``mask_mod`` to the heads flagged in ``head_is_local``; other heads see everything.
+
+    Args:
+        mask_mod: A per-head-agnostic mask, e.g. from :func:`local_window`.
+        head_is_local: Boolean tensor of shape ``(num_heads,)``.
+    """
+
+    def selected_heads_mask(b, h, q_idx, kv_idx):
+        return ~head_is_local[h] | mask_mod(b, h, q_idx, kv_idx)
+
+    return selected_heads_mask
+
+
+def evaluate(mask_mod: MaskMod, num_heads: int, num_tokens: int, device=None) -> torch.Tensor:
+    """Evaluate a ``mask_mod`` densely.
+
+    Returns:
+        Boolean tensor ``(num_heads, num_tokens, num_tokens)``.
+    """
+    heads = torch.arange(num_heads, device=device)[:, None, None]
+    q_idx = torch.arange(num_tokens, device=device)[None, :, None]
+    kv_idx = torch.arange(num_tokens, device=device)[None, None, :]
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    out = mask_mod(zero, heads, q_idx, kv_idx)
+    return out.expand(num_heads, num_tokens, num_tokens)
+
+
+@dataclass(frozen=True)
+class LocalMask:
+    """Everything that defines the mask of one attention layer for one input size.
+
+    Attributes:
+        grid: Patch grid ``(H, W)``.
+        window: Neighbourhood ``(kh, kw)`` (odd sizes).
+        prefix_tokens: Number of prefix tokens before the patches.
+        num_heads: Number of heads of the layer.
+        heads: Sorted indices of the masked (local) heads; the others are global.
+        prefix: Prefix policy, one of :data:`PREFIX_POLICIES`.
+    """
+
+    grid: tuple[int, int]
+    window: tuple[int, int]
+    prefix_tokens: int
+    num_heads: int
+    heads: tuple[int, ...]
+    prefix: str = "global"
+
+    @property
+    def num_tokens(self) -> int:
+        """Prefix tokens plus patch tokens."""
+        return self.prefix_tokens + self.grid[0] * self.grid[1]
+
+    @property
+    def covers_grid(self) -> bool:
+        """True when the window reaches every patch from every patch (the mask is a no-op)."""
+        return (
+            self.prefix == "global"
+            and self.window[0] >= 2 * self.grid[0] - 1
+            and self.window[1] >= 2 * self.grid[1] - 1
+        )
+
+    @property
+    def is_identity(self) -> bool:
+        """True when no head is restricted, so plain attention is exact."""
+        return not self.heads or self.covers_grid
+
+    def window_mod(self) -> MaskMod:
+        """The head-agnostic local mask (what every masked head uses)."""
+        return local_window(self.grid, self.window, self.prefix_tokens, self.prefix)
+
+    def mask_mod(self, device=None) -> MaskMod:
+        """The per-head mask: local on :attr:`heads`, everything allowed on the other heads."""
+        head_is_local = torch.zeros(self.num_heads, dtype=torch.bool, device=device)
+        head_is_local[list(self.heads)] = True
+        return select_heads(self.window_mod(), head_is_local)
+
+    def window_mask(self, device=None) -> torch.Tensor:
+        """Dense ``(N, N)`` boolean mask of a masked head, cached per (geometry, device).
+
+        Under ``torch.compile`` the mask is built inside the graph instead (the cache is a
+        Python side effect the compiler should not trace).
+        """
+        if torch.compiler.is_compiling():
+            return evaluate(self.window_mod(), 1, self.num_tokens, device)[0]
+        return _cached_window_mask(self.grid, self.window, self.prefix_tokens, self.prefix, torch.device(device or "cpu"))
+
+    def dense(self, device=None) -> torch.Tensor:
+        """Dense ``(num_heads, N, N)`` boolean mask of all heads (for tests and plots)."""
+        return evaluate(self.mask_mod(device), self.num_heads, self.num_tokens, device)
+
+
+_CACHE_SIZE = 64
+_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+def _cached_window_mask(grid, window, prefix_tokens, prefix, device) -> torch.Tensor:
+    key = (grid, window, prefix_tokens, prefix, device)
+    mask = _cache.get(key)
+    if mask is None:
+        num_tokens = prefix_tokens + grid[0] * grid[1]
+        mask = evaluate(local_window(grid, window, prefix_tokens, prefix), 1, num_tokens, device)[0].contiguous()
+        _cache[key] = mask
+        if len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    else:
+        _cache.move_to_end(key)
+    return mask
+
+
+def cache_info() -> dict[str, int]:
+    """Size of the mask cache (for tests and debugging)."""
+    return {"entries": len(_cache), "max_entries": _CACHE_SIZE}
+
+
+def clear_cache() -> None:
+    """Drop every cached mask."""
+    _cache.clear()

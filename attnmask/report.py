@@ -1,0 +1,98 @@
+"""The report that :func:`attnmask.describe` returns: a printable table and a dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .spec import MaskSpec
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One attention layer: index, module name, number of heads, masked head indices."""
+
+    layer: int
+    name: str
+    num_heads: int
+    heads: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MaskReport:
+    """What is masked in a model.
+
+    Attributes:
+        family: Adapter family handling the model.
+        layers: One :class:`LayerRow` per attention layer.
+        window: ``(kh, kw)``, or ``None`` if the model is not patched.
+        grid: Patch grid of the latest forward (or of the configured image size).
+        prefix: Prefix policy.
+        backend: Backend asked for (``None`` if not patched).
+        resolved_backend: Kernel that runs the masked heads.
+        spec: The model's :class:`MaskSpec`, if patched.
+    """
+
+    family: str
+    layers: list[LayerRow]
+    window: Optional[tuple[int, int]]
+    grid: Optional[tuple[int, int]]
+    prefix: str
+    backend: Optional[str]
+    resolved_backend: Optional[str]
+    spec: Optional[MaskSpec] = None
+
+    @property
+    def patched(self) -> bool:
+        return self.spec is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable)."""
+        return {
+            "family": self.family,
+            "patched": self.patched,
+            "window": list(self.window) if self.window else None,
+            "grid": list(self.grid) if self.grid else None,
+            "prefix": self.prefix,
+            "backend": self.backend,
+            "resolved_backend": self.resolved_backend,
+            "layers": [
+                {"layer": r.layer, "name": r.name, "num_heads": r.num_heads, "masked_heads": list(r.heads)}
+                for r in self.layers
+            ],
+        }
+
+    def __str__(self) -> str:
+        masked = sum(len(r.heads) for r in self.layers)
+        total = sum(r.num_heads for r in self.layers)
+        grid = f"{self.grid[0]}x{self.grid[1]}" if self.grid else "unknown"
+        if self.window:
+            header = (
+                f"attnmask: {self.family}, window {self.window[0]}x{self.window[1]}, grid {grid}, "
+                f"prefix {self.prefix}, backend {self.backend} -> {self.resolved_backend}; "
+                f"{masked}/{total} heads masked"
+            )
+        else:
+            header = f"attnmask: {self.family}, not patched, grid {grid}; 0/{total} heads masked"
+        name_width = max([len("module")] + [len(r.name) for r in self.layers])
+        lines = [header, f"{'layer':>5}  {'module':<{name_width}}  {'heads':>5}  masked"]
+        for r in self.layers:
+            chosen = _ranges(r.heads) if r.heads else "-"
+            if r.heads and len(r.heads) == r.num_heads:
+                chosen += " (all)"
+            lines.append(f"{r.layer:>5}  {r.name:<{name_width}}  {r.num_heads:>5}  {chosen}")
+        return "\n".join(lines)
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 5)`` -> ``"0-2,5"``."""
+    parts: list[str] = []
+    start = prev = indices[0]
+    for i in indices[1:] + (None,):
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts)
