@@ -88,16 +88,12 @@ def apply(
         prefix=prefix,
         backend=backend,
     )
-    previous = get_spec(model)
-    if previous is not None:
-        remove(model)
+    checkpoint = _checkpoint(model)
     try:
+        remove(model)
         _install(model, adapter, sites, spec, resolved_backend)
     except BaseException:
-        adapter.uninstall(model, spec.layers)
-        model.__dict__.pop(SPEC_ATTR, None)
-        if previous is not None:
-            _install(model, adapter_named(previous.family), adapter.sites(model), previous, resolve_backend(previous.backend))
+        _restore(model, checkpoint)
         raise
     return model
 
@@ -110,6 +106,32 @@ def _install(model: nn.Module, adapter, sites, spec: MaskSpec, backend: str) -> 
     ]
     adapter.install(model, [site for site in sites if spec.heads[site.layer]], plans)
     model.__dict__[SPEC_ATTR] = spec
+
+
+def _checkpoint(model: nn.Module) -> list[tuple[nn.Module, type, dict, dict, dict]]:
+    """What patching may change on each module: its class, attnmask attributes, hooks."""
+    return [
+        (
+            module,
+            type(module),
+            {k: v for k, v in module.__dict__.items() if k.startswith("_attnmask")},
+            dict(module._forward_hooks),
+            dict(module._forward_pre_hooks),
+        )
+        for module in model.modules()
+    ]
+
+
+def _restore(model: nn.Module, checkpoint) -> None:
+    """Put every module back as :func:`_checkpoint` saw it (a failed ``apply`` changes nothing)."""
+    for module, cls, attrs, hooks, pre_hooks in checkpoint:
+        module.__class__ = cls
+        for key in [k for k in module.__dict__ if k.startswith("_attnmask")]:
+            del module.__dict__[key]
+        module.__dict__.update(attrs)
+        for saved, live in ((hooks, module._forward_hooks), (pre_hooks, module._forward_pre_hooks)):
+            live.clear()
+            live.update(saved)
 
 
 def remove(model: ModelT) -> ModelT:

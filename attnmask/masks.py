@@ -141,7 +141,7 @@ class LocalMask:
     def covers_grid(self) -> bool:
         """True when the window reaches every patch from every patch (the mask is a no-op)."""
         return (
-            self.prefix == "global"
+            (self.prefix == "global" or self.prefix_tokens == 0)
             and self.window[0] >= 2 * self.grid[0] - 1
             and self.window[1] >= 2 * self.grid[1] - 1
         )

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from .kernels import BACKENDS
 from .masks import PREFIX_POLICIES
 
 SPEC_VERSION = 1
@@ -189,6 +190,7 @@ class MaskSpec:
             )
         normalize_window(self.window)
         check_prefix(self.prefix)
+        check_choice("backend", self.backend, BACKENDS)
         for layer, (n, chosen) in enumerate(zip(self.num_heads, self.heads)):
             _layer_heads(list(chosen), layer, n, f"heads[{layer}]")
 

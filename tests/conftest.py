@@ -1,0 +1,27 @@
+"""Test configuration: bounded, deadline-free hypothesis profiles.
+
+``HYPOTHESIS_PROFILE=ci`` (the default) draws few, derandomized examples so CI time is
+bounded and repeatable; ``HYPOTHESIS_PROFILE=dev`` searches harder.
+"""
+
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev",
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -1,0 +1,61 @@
+"""The mask definition: geometry against a brute-force reading of the definition."""
+
+import torch
+from helpers import brute_force_mask
+from hypothesis import given
+from strategies import geometries
+
+from attnmask import masks
+from attnmask.masks import LocalMask
+
+
+@given(geometries())
+def test_dense_mask_matches_definition(geometry):
+    grid, window, prefix_tokens, num_heads, heads, prefix = geometry
+    mask = LocalMask(grid, window, prefix_tokens, num_heads, heads, prefix)
+    expected = brute_force_mask(grid, window, prefix_tokens, num_heads, heads, prefix)
+    assert torch.equal(mask.dense(), expected)
+    for h in heads:
+        assert torch.equal(mask.window_mask(torch.device("cpu")), expected[h])
+
+
+@given(geometries())
+def test_covers_grid_exactly_when_nothing_is_masked(geometry):
+    grid, window, prefix_tokens, num_heads, _, prefix = geometry
+    mask = LocalMask(grid, window, prefix_tokens, num_heads, tuple(range(num_heads)), prefix)
+    assert mask.covers_grid == bool(mask.dense().all())
+
+
+def test_windows_are_clipped_at_the_border():
+    mask = LocalMask((5, 5), (3, 3), 0, 1, (0,))
+    visible = mask.dense()[0].sum(-1).view(5, 5)
+    assert visible[0, 0] == 4 and visible[0, 4] == 4 and visible[4, 4] == 4  # corners
+    assert visible[0, 2] == 6 and visible[2, 0] == 6  # edges
+    assert visible[2, 2] == 9  # inside
+
+
+def test_rectangular_window_is_rows_by_columns():
+    mask = LocalMask((7, 7), (3, 5), 0, 1, (0,))
+    centre = mask.dense()[0, 3 * 7 + 3].view(7, 7)
+    rows, cols = centre.any(1).nonzero().flatten(), centre.any(0).nonzero().flatten()
+    assert rows.tolist() == [2, 3, 4] and cols.tolist() == [1, 2, 3, 4, 5]
+
+
+def test_prefix_policies():
+    glob = LocalMask((3, 3), (1, 1), 2, 1, (0,), "global").dense()[0]
+    iso = LocalMask((3, 3), (1, 1), 2, 1, (0,), "isolated").dense()[0]
+    assert glob[:2].all() and iso[:2].all()  # prefix queries see everything
+    assert glob[2:, :2].all()  # patches see prefix tokens
+    assert not iso[2:, :2].any()  # ... unless isolated
+    assert torch.equal(glob[2:, 2:], torch.eye(9, dtype=torch.bool))  # 1x1 window: itself only
+
+
+def test_window_mask_is_cached_per_geometry_and_device():
+    masks.clear_cache()
+    a = LocalMask((4, 6), (3, 3), 1, 4, (0, 1))
+    b = LocalMask((4, 6), (3, 3), 1, 8, (5,))  # same geometry, other heads: same mask
+    first = a.window_mask(torch.device("cpu"))
+    assert b.window_mask(torch.device("cpu")) is first
+    assert masks.cache_info()["entries"] == 1
+    LocalMask((6, 4), (3, 3), 1, 4, (0,)).window_mask(torch.device("cpu"))
+    assert masks.cache_info()["entries"] == 2
