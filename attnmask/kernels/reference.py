@@ -26,7 +26,9 @@ def reference_attention(
     The result is cast back to ``q``'s dtype. Dropout is not supported (it is random).
 
     Args:
-        q, k, v: ``(batch, heads, tokens, head_dim)``.
+        q: Queries ``(batch, heads, tokens, head_dim)``.
+        k: Keys, same shape as ``q``.
+        v: Values ``(batch, heads, tokens, head_dim_v)``.
         mask: The layer's :class:`~attnmask.masks.LocalMask`.
         attn_mask: The host model's own mask (boolean, True = attend, or additive).
         dropout_p: Must be 0.

@@ -29,7 +29,9 @@ def sdpa_attention(
     mask restricts nothing (no masked heads, or a window covering the grid) this is plain SDPA.
 
     Args:
-        q, k, v: ``(batch, heads, tokens, head_dim)``.
+        q: Queries ``(batch, heads, tokens, head_dim)``.
+        k: Keys, same shape as ``q``.
+        v: Values ``(batch, heads, tokens, head_dim_v)``.
         mask: The layer's :class:`~attnmask.masks.LocalMask` for this input size.
         attn_mask: The host model's own mask, if any (boolean or additive).
         dropout_p: Attention dropout probability (training only).
