@@ -135,7 +135,7 @@ class TimmViTAdapter:
     name = "timm.vit"
 
     def matches(self, model: nn.Module) -> bool:
-        return type(model).__module__.startswith("timm.") and bool(_attention_modules(model))
+        return bool(_attention_modules(model))
 
     def sites(self, model: nn.Module) -> list[Site]:
         patch_embed = getattr(model, "patch_embed", None)
