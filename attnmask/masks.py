@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -174,6 +174,19 @@ class LocalMask:
     def dense(self, device=None) -> torch.Tensor:
         """Dense ``(num_heads, N, N)`` boolean mask of all heads (for tests and plots)."""
         return evaluate(self.mask_mod(device), self.num_heads, self.num_tokens, device)
+
+
+def combine_masks(attn_mask: Optional[torch.Tensor], local: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Add a boolean mask ``local`` (True = attend) to a host model's ``attn_mask``.
+
+    A boolean host mask is and-ed; an additive float host mask gets ``-inf`` where ``local``
+    forbids attention, so the host's values (e.g. a relative position bias) are kept.
+    """
+    if attn_mask is None:
+        return local
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & local
+    return torch.where(local, attn_mask.to(dtype), float("-inf"))
 
 
 _CACHE_SIZE = 64

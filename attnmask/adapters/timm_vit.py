@@ -18,7 +18,7 @@ from timm.layers import Attention
 from torch import nn
 
 from ..kernels import get_kernel
-from ..masks import LocalMask
+from ..masks import LocalMask, combine_masks
 from ..spec import LayerPlan
 from . import Site
 
@@ -95,12 +95,7 @@ class MaskedAttention(Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         if is_causal:
             causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
-            if attn_mask is None:
-                attn_mask = causal
-            elif attn_mask.dtype == torch.bool:
-                attn_mask = attn_mask & causal
-            else:
-                attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+            attn_mask = combine_masks(attn_mask, causal, q.dtype)
 
         mask = LocalMask(
             grid=tokens.grid(N),

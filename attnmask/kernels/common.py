@@ -29,16 +29,3 @@ def heads_of_mask(attn_mask: Optional[torch.Tensor], index: HeadIndex, num_heads
     if attn_mask.dim() == 3 and attn_mask.shape[0] == num_heads and num_heads > 1:
         return attn_mask[index]
     return attn_mask
-
-
-def combine_masks(attn_mask: Optional[torch.Tensor], local: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Add the boolean locality mask ``local`` (True = attend) to a host mask.
-
-    A boolean host mask is and-ed; an additive float host mask gets ``-inf`` where ``local``
-    forbids attention, so the host's values (e.g. a relative position bias) are kept.
-    """
-    if attn_mask is None:
-        return local
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & local
-    return torch.where(local, attn_mask.to(dtype), float("-inf"))

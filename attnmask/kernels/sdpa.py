@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..masks import LocalMask
-from .common import combine_masks, head_index, heads_of_mask
+from ..masks import LocalMask, combine_masks
+from .common import head_index, heads_of_mask
 
 
 def sdpa_attention(
