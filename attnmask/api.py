@@ -12,9 +12,9 @@ from typing import Any, Optional, TypeVar
 from torch import nn
 
 from .adapters import adapter_named, find_adapter
-from .kernels import BACKENDS, resolve_backend
+from .kernels import resolve_backend
 from .report import LayerRow, MaskReport
-from .spec import Heads, LayerPlan, MaskSpec, check_choice, check_prefix, normalize_window, resolve_heads
+from .spec import Heads, LayerPlan, MaskSpec, check_prefix, normalize_window, resolve_heads
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -72,7 +72,6 @@ def apply(
     """
     window = normalize_window(window)
     prefix = check_prefix(prefix)
-    check_choice("backend", backend, BACKENDS)
     resolved_backend = resolve_backend(backend)
     adapter = find_adapter(model)
     sites = adapter.sites(model)
@@ -99,12 +98,9 @@ def apply(
 
 
 def _install(model: nn.Module, adapter, sites, spec: MaskSpec, backend: str) -> None:
-    plans = [
-        LayerPlan(site.layer, site.num_heads, spec.heads[site.layer], spec.window, spec.prefix, backend)
-        for site in sites
-        if spec.heads[site.layer]
-    ]
-    adapter.install(model, [site for site in sites if spec.heads[site.layer]], plans)
+    masked = [site for site in sites if spec.heads[site.layer]]
+    plans = [LayerPlan(s.layer, s.num_heads, spec.heads[s.layer], spec.window, spec.prefix, backend) for s in masked]
+    adapter.install(model, masked, plans)
     model.__dict__[SPEC_ATTR] = spec
 
 
