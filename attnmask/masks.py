@@ -147,6 +147,11 @@ class LocalMask:
         )
 
     @property
+    def global_heads(self) -> tuple[int, ...]:
+        """Indices of the heads that stay global."""
+        return tuple(h for h in range(self.num_heads) if h not in self.heads)
+
+    @property
     def is_identity(self) -> bool:
         """True when no head is restricted, so plain attention is exact."""
         return not self.heads or self.covers_grid
@@ -167,9 +172,14 @@ class LocalMask:
         Under ``torch.compile`` the mask is built inside the graph instead (the cache is a
         Python side effect the compiler should not trace).
         """
+        device = torch.device(device or "cpu")
+
+        def build() -> torch.Tensor:
+            return evaluate(self.window_mod(), 1, self.num_tokens, device)[0].contiguous()
+
         if torch.compiler.is_compiling():
-            return evaluate(self.window_mod(), 1, self.num_tokens, device)[0]
-        return _cached_window_mask(self.grid, self.window, self.prefix_tokens, self.prefix, torch.device(device or "cpu"))
+            return build()
+        return _cached((self.grid, self.window, self.prefix_tokens, self.prefix, device), build)
 
     def dense(self, device=None) -> torch.Tensor:
         """Dense ``(num_heads, N, N)`` boolean mask of all heads (for tests and plots)."""
@@ -193,13 +203,11 @@ _CACHE_SIZE = 64
 _cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
 
-def _cached_window_mask(grid, window, prefix_tokens, prefix, device) -> torch.Tensor:
-    key = (grid, window, prefix_tokens, prefix, device)
+def _cached(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Bounded LRU lookup: ``build()`` only on a miss."""
     mask = _cache.get(key)
     if mask is None:
-        num_tokens = prefix_tokens + grid[0] * grid[1]
-        mask = evaluate(local_window(grid, window, prefix_tokens, prefix), 1, num_tokens, device)[0].contiguous()
-        _cache[key] = mask
+        mask = _cache[key] = build()
         if len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     else:

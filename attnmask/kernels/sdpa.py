@@ -49,7 +49,7 @@ def sdpa_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=masked, dropout_p=dropout_p, scale=scale)
 
     local_heads = head_index(mask.heads)
-    global_heads = head_index(tuple(h for h in range(num_heads) if h not in mask.heads))
+    global_heads = head_index(mask.global_heads)
     out = q.new_empty(q.shape[:-1] + v.shape[-1:])
     out[:, global_heads] = F.scaled_dot_product_attention(
         q[:, global_heads],
