@@ -16,7 +16,7 @@ mask from it, so backends agree by construction.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -98,18 +98,37 @@ def select_heads(mask_mod: MaskMod, head_is_local: torch.Tensor) -> MaskMod:
     return selected_heads_mask
 
 
-def evaluate(mask_mod: MaskMod, num_heads: int, num_tokens: int, device=None) -> torch.Tensor:
+def at_positions(mask_mod: MaskMod, positions: torch.Tensor) -> MaskMod:
+    """``mask_mod`` for a sequence whose token ``i`` of sample ``b`` sits at ``positions[b, i]``.
+
+    For models that drop or reorder tokens per sample (ViTMAE's random masking):
+    ``positions`` gives each token's index in the full layout (prefix tokens, then the
+    row-major grid), and the mask is the full-layout mask read at those indices.
+    """
+
+    def mask_at_positions(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, positions[b, q_idx], positions[b, kv_idx])
+
+    return mask_at_positions
+
+
+def evaluate(
+    mask_mod: MaskMod, num_heads: int, num_tokens: int, device=None, batch: Optional[int] = None
+) -> torch.Tensor:
     """Evaluate a ``mask_mod`` densely.
 
     Returns:
-        Boolean tensor ``(num_heads, num_tokens, num_tokens)``.
+        Boolean tensor ``(num_heads, num_tokens, num_tokens)``, or
+        ``(batch, num_heads, num_tokens, num_tokens)`` when ``batch`` is given.
     """
     heads = torch.arange(num_heads, device=device)[:, None, None]
     q_idx = torch.arange(num_tokens, device=device)[None, :, None]
     kv_idx = torch.arange(num_tokens, device=device)[None, None, :]
-    zero = torch.zeros((), dtype=torch.long, device=device)
-    out = mask_mod(zero, heads, q_idx, kv_idx)
-    return out.expand(num_heads, num_tokens, num_tokens)
+    if batch is None:
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        return mask_mod(zero, heads, q_idx, kv_idx).expand(num_heads, num_tokens, num_tokens)
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    return mask_mod(b, heads[None], q_idx[None], kv_idx[None]).expand(batch, num_heads, num_tokens, num_tokens)
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,10 @@ class LocalMask:
         num_heads: Number of heads of the layer.
         heads: Sorted indices of the masked (local) heads; the others are global.
         prefix: Prefix policy, one of :data:`PREFIX_POLICIES`.
+        positions: Optional ``(batch, tokens)`` integer tensor for sequences that hold a
+            per-sample subset or reordering of the full layout (ViTMAE's random masking):
+            token ``i`` of sample ``b`` is token ``positions[b, i]`` of the full layout
+            (prefix tokens, then the row-major grid). ``None``: the full layout in order.
     """
 
     grid: tuple[int, int]
@@ -131,11 +154,17 @@ class LocalMask:
     num_heads: int
     heads: tuple[int, ...]
     prefix: str = "global"
+    positions: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+
+    @property
+    def full_tokens(self) -> int:
+        """Prefix tokens plus every patch token of the grid."""
+        return self.prefix_tokens + self.grid[0] * self.grid[1]
 
     @property
     def num_tokens(self) -> int:
-        """Prefix tokens plus patch tokens."""
-        return self.prefix_tokens + self.grid[0] * self.grid[1]
+        """Tokens in the sequence: :attr:`full_tokens`, or the number of :attr:`positions`."""
+        return self.full_tokens if self.positions is None else int(self.positions.shape[-1])
 
     @property
     def covers_grid(self) -> bool:
@@ -164,26 +193,38 @@ class LocalMask:
         """The per-head mask: local on :attr:`heads`, everything allowed on the other heads."""
         head_is_local = torch.zeros(self.num_heads, dtype=torch.bool, device=device)
         head_is_local[list(self.heads)] = True
-        return select_heads(self.window_mod(), head_is_local)
+        window = self.window_mod()
+        if self.positions is not None:
+            window = at_positions(window, self.positions.to(device))
+        return select_heads(window, head_is_local)
 
     def window_mask(self, device=None) -> torch.Tensor:
-        """Dense ``(N, N)`` boolean mask of a masked head, cached per (geometry, device).
+        """Dense boolean mask of a masked head: ``(N, N)``, cached per (geometry, device).
 
+        With :attr:`positions`, the cached full-layout mask read at each sample's
+        positions: ``(batch, 1, N, N)`` (built per call: positions change every forward).
         Under ``torch.compile`` the mask is built inside the graph instead (the cache is a
         Python side effect the compiler should not trace).
         """
         device = torch.device(device or "cpu")
 
         def build() -> torch.Tensor:
-            return evaluate(self.window_mod(), 1, self.num_tokens, device)[0].contiguous()
+            return evaluate(self.window_mod(), 1, self.full_tokens, device)[0].contiguous()
 
         if torch.compiler.is_compiling():
-            return build()
-        return _cached((self.grid, self.window, self.prefix_tokens, self.prefix, device), build)
+            full = build()
+        else:
+            full = _cached((self.grid, self.window, self.prefix_tokens, self.prefix, device), build)
+        if self.positions is None:
+            return full
+        positions = self.positions.to(device)
+        return full[positions[:, :, None], positions[:, None, :]].unsqueeze(1)
 
     def dense(self, device=None) -> torch.Tensor:
-        """Dense ``(num_heads, N, N)`` boolean mask of all heads (for tests and plots)."""
-        return evaluate(self.mask_mod(device), self.num_heads, self.num_tokens, device)
+        """Dense mask of all heads (for tests and plots): ``(num_heads, N, N)``, or
+        ``(batch, num_heads, N, N)`` with :attr:`positions`."""
+        batch = None if self.positions is None else int(self.positions.shape[0])
+        return evaluate(self.mask_mod(device), self.num_heads, self.num_tokens, device, batch)
 
 
 def combine_masks(attn_mask: Optional[torch.Tensor], local: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

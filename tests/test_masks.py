@@ -59,3 +59,23 @@ def test_window_mask_is_cached_per_geometry_and_device():
     assert masks.cache_info()["entries"] == 1
     LocalMask((6, 4), (3, 3), 1, 4, (0,)).window_mask(torch.device("cpu"))
     assert masks.cache_info()["entries"] == 2
+
+
+@given(geometries())
+def test_positions_read_the_full_layout_mask_per_sample(geometry):
+    """Per-sample subsets/reorderings (ViTMAE): token i of sample b is full-layout token positions[b, i]."""
+    grid, window, prefix_tokens, num_heads, heads, prefix = geometry
+    full = brute_force_mask(grid, window, prefix_tokens, num_heads, heads, prefix)
+    patches = grid[0] * grid[1]
+    generator = torch.Generator().manual_seed(patches + prefix_tokens)
+    kept = max(1, patches // 2)
+    order = torch.stack([torch.randperm(patches, generator=generator)[:kept] for _ in range(3)])
+    positions = torch.cat([torch.arange(prefix_tokens).expand(3, -1), order + prefix_tokens], dim=1)
+    mask = LocalMask(grid, window, prefix_tokens, num_heads, heads, prefix, positions)
+    dense = mask.dense()
+    assert dense.shape == (3, num_heads, prefix_tokens + kept, prefix_tokens + kept)
+    for b in range(3):
+        idx = positions[b]
+        assert torch.equal(dense[b], full[:, idx][:, :, idx])
+        if heads:
+            assert torch.equal(mask.window_mask()[b, 0], full[heads[0]][idx][:, idx])
