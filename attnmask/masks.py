@@ -227,6 +227,30 @@ class LocalMask:
         return evaluate(self.mask_mod(device), self.num_heads, self.num_tokens, device, batch)
 
 
+def mask_logits(logits: torch.Tensor, mask: LocalMask) -> torch.Tensor:
+    """Put ``-inf`` on the logits (or additive bias) that the masked heads may not use.
+
+    For host code that computes attention itself (talking heads, window attention with a
+    position bias): the mask is applied to what the host adds to its logits.
+
+    Args:
+        logits: ``(..., num_heads, N, N)`` attention logits or additive bias.
+        mask: The layer's mask for this geometry (no ``positions``).
+
+    Returns:
+        ``logits`` itself when the mask restricts nothing; else a tensor whose global heads
+        hold exactly the values of ``logits`` (selected, not recomputed).
+    """
+    if mask.is_identity:
+        return logits
+    allowed = mask.window_mask(logits.device)  # (N, N), cached per geometry and device
+    if len(mask.heads) < mask.num_heads:
+        local = torch.zeros(mask.num_heads, 1, 1, dtype=torch.bool, device=logits.device)
+        local[list(mask.heads)] = True
+        allowed = allowed | ~local  # (H, N, N): global heads allow everything
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 def combine_masks(attn_mask: Optional[torch.Tensor], local: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Add a boolean mask ``local`` (True = attend) to a host model's ``attn_mask``.
 
