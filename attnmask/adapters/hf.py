@@ -1,0 +1,408 @@
+"""Hugging Face transformers adapter: ViT, DeiT, BEiT, DINOv2, Swin, ViTMAE, CLIP and SigLIP towers.
+
+Every vision family of transformers 5.x computes attention through
+``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``. This module registers one
+function, :func:`attnmask_attention`, under the name ``"attnmask"`` with
+``AttentionInterface.register`` and selects it on the configuration of the model's
+attention layers (``model.set_attn_implementation`` when that is the model's own config).
+Nothing else of the model changes: no class swap, no new parameter.
+
+The function receives ``(module, query, key, value, attention_mask, scaling, dropout)``
+with q/k/v shaped ``(B, H, N, D)``. A layer with masked heads carries its plan and its
+token layout as ``_attnmask_*`` attributes and goes through an attnmask kernel, with
+whatever arrives in ``attention_mask`` (BEiT's relative position bias, Swin's bias plus
+shifted-window mask) kept and the locality mask added to it. Every other layer that now
+routes here (same config) runs the implementation the model had before, recorded on the
+module; ``remove`` puts that implementation back on the config.
+
+Geometry, per forward:
+
+- ViT-like models (prefix tokens, then the row-major patch grid): a forward hook on the
+  patch-embedding convolution records the grid of each input, so other image sizes
+  (``interpolate_pos_encoding=True``) get their own grid.
+- Swin: tokens arrive window by window; the geometry is the attention window's own square
+  token grid.
+- ViTMAE: random masking keeps a shuffled subset of patches per sample. A forward hook on
+  the embeddings reads ``ids_restore`` and each token's true grid position is used
+  (:attr:`attnmask.masks.LocalMask.positions`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..kernels import get_kernel
+from ..masks import LocalMask, combine_masks
+from ..spec import LayerPlan
+from . import Site
+
+ATTN_NAME = "attnmask"
+"""The name :func:`attnmask_attention` is registered under."""
+
+_PREVIOUS = "_attnmask_previous"
+_CONFIGS = "_attnmask_hf_configs"
+
+
+def _fallback(module: nn.Module) -> Callable:
+    """The attention function the module's model used before it was patched."""
+    previous = module.__dict__.get(_PREVIOUS) or "sdpa"
+    if previous == ATTN_NAME:  # a config saved while patched: never route back here
+        previous = "sdpa"
+    if previous != "eager" and previous in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[previous]
+    # "eager" is not in the registry: each modeling file defines its own eager function.
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+
+
+def attnmask_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: the layer's masked heads are local.
+
+    Args:
+        module: The attention module calling it.
+        query: ``(B, H, N, D)``.
+        key: ``(B, H, N, D)``.
+        value: ``(B, H, N, Dv)``.
+        attention_mask: What the model passes (``None``, a relative position bias, a
+            shifted-window mask, ...): kept, with the locality mask added.
+        scaling: Softmax scale.
+        dropout: Attention dropout probability (already 0 in eval mode).
+
+    Returns:
+        ``(output (B, N, H, Dv), None)``, as transformers' SDPA function returns.
+    """
+    plan: Optional[LayerPlan] = module.__dict__.get("_attnmask_plan")
+    if plan is None:
+        return _fallback(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        attention_mask = position_bias if attention_mask is None else attention_mask + position_bias
+    if kwargs.get("is_causal", False):
+        n = query.shape[2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+        attention_mask = combine_masks(attention_mask, causal, query.dtype)
+    layout = module.__dict__["_attnmask_layout"]
+    mask = layout.mask(plan, query.shape[0], query.shape[2])
+    out = get_kernel(plan.backend)(query, key, value, mask, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, attnmask_attention)
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+class PatchLayout:
+    """Prefix tokens, then the row-major patch grid of the latest forward.
+
+    Registered as a forward hook on the patch-embedding convolution, whose ``(B, D, h, w)``
+    output gives the grid of each input. ``static_grid`` (image size // patch size of the
+    config) is used when no forward has run.
+    """
+
+    def __init__(self, prefix_tokens: int, static_grid: tuple[int, int]) -> None:
+        self.prefix_tokens = prefix_tokens
+        self.static_grid = static_grid
+        self.last_grid: Optional[tuple[int, int]] = None
+
+    def __call__(self, module: nn.Module, args, output) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            self.last_grid = (output.shape[-2], output.shape[-1])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.last_grid or self.static_grid
+
+    def mask(self, plan: LayerPlan, batch: int, num_tokens: int) -> LocalMask:
+        grid = self.grid
+        if self.prefix_tokens + grid[0] * grid[1] != num_tokens:
+            raise ValueError(
+                f"attnmask: a sequence of {num_tokens} tokens does not fit the patch grid "
+                f"({self.prefix_tokens} prefix tokens + a {grid[0]}x{grid[1]} grid); feed images "
+                "through the model's patch embedding so the grid of each input is known"
+            )
+        return LocalMask(grid, plan.window, self.prefix_tokens, plan.num_heads, plan.heads, plan.prefix)
+
+
+class ShuffledPatchLayout(PatchLayout):
+    """ViTMAE's encoder: a class token, then each sample's kept patches in shuffled order.
+
+    Also a forward hook on the embeddings module, whose output ``(embeddings, mask,
+    ids_restore)`` says where every kept token came from: ``argsort(ids_restore)`` is the
+    shuffle, and its first ``N - 1`` entries are the kept patches, in sequence order.
+    """
+
+    def __init__(self, prefix_tokens: int, static_grid: tuple[int, int]) -> None:
+        super().__init__(prefix_tokens, static_grid)
+        self.shuffle: Optional[torch.Tensor] = None
+
+    def record_shuffle(self, module: nn.Module, args, output) -> None:
+        if isinstance(output, (tuple, list)) and len(output) >= 3 and isinstance(output[-1], torch.Tensor):
+            self.shuffle = torch.argsort(output[-1], dim=1)
+
+    def mask(self, plan: LayerPlan, batch: int, num_tokens: int) -> LocalMask:
+        grid = self.grid
+        shuffle = self.shuffle
+        kept = num_tokens - self.prefix_tokens
+        if shuffle is None or shuffle.shape[0] != batch or not 0 <= kept <= shuffle.shape[1]:
+            raise ValueError(
+                f"attnmask: cannot place the {num_tokens} tokens of this ViTMAE encoder layer on the "
+                f"{grid[0]}x{grid[1]} grid: run the model (or its embeddings) on the images first"
+            )
+        prefix = torch.arange(self.prefix_tokens, device=shuffle.device).expand(batch, -1)
+        positions = torch.cat([prefix, shuffle[:, :kept] + self.prefix_tokens], dim=1)
+        return LocalMask(grid, plan.window, self.prefix_tokens, plan.num_heads, plan.heads, plan.prefix, positions)
+
+
+class WindowLayout:
+    """Swin: each attention call sees the tokens of one square window, row-major, no prefix."""
+
+    def __init__(self, window_size: int) -> None:
+        self.window_size = window_size
+        self.last_grid: Optional[tuple[int, int]] = None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.last_grid or (self.window_size, self.window_size)
+
+    def mask(self, plan: LayerPlan, batch: int, num_tokens: int) -> LocalMask:
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ValueError(f"attnmask: a Swin window of {num_tokens} tokens is not square")
+        self.last_grid = (side, side)
+        return LocalMask((side, side), plan.window, 0, plan.num_heads, plan.heads, plan.prefix)
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """What differs between the transformers families this module supports.
+
+    Attributes:
+        name: Adapter name (``"hf.vit"``, ...).
+        models: Model-type directories under ``transformers.models`` it covers.
+        layout: ``"patches"``, ``"shuffled"`` (ViTMAE) or ``"windows"`` (Swin).
+        prefix_tokens: ``config -> number of prefix tokens``.
+        vision_only: Keep only layers whose config is a vision config (CLIP/SigLIP towers).
+        skip: Module-name parts whose layers are left alone (ViTMAE's decoder).
+    """
+
+    name: str
+    models: tuple[str, ...]
+    layout: str = "patches"
+    prefix_tokens: Callable[[object], int] = lambda config: 1
+    vision_only: bool = False
+    skip: tuple[str, ...] = ()
+
+
+def _modeling_modules(models: Sequence[str]) -> tuple[str, ...]:
+    return tuple(f"transformers.models.{m}.modeling_{m}" for m in models)
+
+
+class HFAdapter:
+    """Adapter for one family of transformers models (see :class:`HFFamily`)."""
+
+    def __init__(self, family: HFFamily) -> None:
+        self.family = family
+        self.name = family.name
+        self._modules = _modeling_modules(family.models)
+
+    # -- finding the layers -------------------------------------------------------------
+    def _is_attention(self, module: nn.Module) -> bool:
+        """An attention module of this family that dispatches through ``ALL_ATTENTION_FUNCTIONS``
+        (read from its forward's code: a module computing attention itself would silently
+        ignore the registered function)."""
+        cls = type(module)
+        return (
+            cls.__module__ in self._modules
+            and cls.__name__.endswith("Attention")
+            and hasattr(module, "config")
+            and "ALL_ATTENTION_FUNCTIONS" in getattr(getattr(cls.forward, "__code__", None), "co_names", ())
+        )
+
+    def _attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        found = [(n, m) for n, m in model.named_modules() if self._is_attention(m)]
+        # Innermost only: older releases wrap `XSelfAttention` (which calls the attention
+        # function) in an `XAttention`.
+        names = [n for n, _ in found]
+        inner = [(n, m) for n, m in found if not any(o != n and o.startswith(n + ".") for o in names)]
+        out = []
+        for name, module in inner:
+            if any(part in name.split(".") for part in self.family.skip):
+                continue
+            if self.family.vision_only and not type(module.config).__name__.endswith("VisionConfig"):
+                continue
+            out.append((name, module))
+        return out
+
+    def matches(self, model: nn.Module) -> bool:
+        return bool(self._attention_modules(model))
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        sites = []
+        for i, (name, module) in enumerate(self._attention_modules(model)):
+            heads = getattr(module, "num_attention_heads", None) or getattr(module, "num_heads", None)
+            sites.append(Site(name=name, layer=i, num_heads=int(heads or module.config.num_attention_heads), module=module))
+        if self.family.layout != "windows":
+            self._patch_embedding(model)  # fails early, before anything is patched
+        return sites
+
+    def _patch_embedding(self, model: nn.Module) -> tuple[str, nn.Conv2d]:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d) and "embed" in name and "text" not in name:
+                return name, module
+        raise TypeError(f"attnmask: found no patch-embedding convolution in {type(model).__name__}")
+
+    def _embeddings(self, model: nn.Module, conv_name: str) -> nn.Module:
+        """The embeddings module holding the patch convolution (ViTMAE's random masking lives there)."""
+        parts = conv_name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            module = model.get_submodule(".".join(parts[:i]))
+            if type(module).__name__.endswith("Embeddings") and hasattr(module, "random_masking"):
+                return module
+        raise TypeError(f"attnmask: found no ViTMAE embeddings module above {conv_name}")
+
+    # -- patching -----------------------------------------------------------------------
+    def _layout(self, model: nn.Module, config) -> object:
+        family = self.family
+        if family.layout == "windows":
+            return None  # one per layer: each Swin stage has its own window size
+        conv_name, conv = self._patch_embedding(model)
+        image = _pair(getattr(config, "image_size", 224))
+        patch = _pair(getattr(config, "patch_size", conv.stride))
+        static = (image[0] // patch[0], image[1] // patch[1])
+        if family.layout == "shuffled":
+            layout = ShuffledPatchLayout(family.prefix_tokens(config), static)
+            self._embeddings(model, conv_name).register_forward_hook(layout.record_shuffle)
+        else:
+            layout = PatchLayout(family.prefix_tokens(config), static)
+        conv.register_forward_hook(layout)
+        return layout
+
+    def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:
+        if not sites:
+            return  # nothing masked: the model keeps its own attention implementation
+        every_site = self.sites(model)
+        layout = self._layout(model, every_site[0].module.config)
+        for site in every_site:
+            site.module.__dict__[_PREVIOUS] = site.module.config._attn_implementation
+        for site, plan in zip(sites, plans):
+            module = site.module
+            module._attnmask_plan = plan
+            module._attnmask_layout = layout if layout is not None else WindowLayout(self._window_size(module))
+        self._select(model, [site.module.config for site in every_site])
+
+    @staticmethod
+    def _window_size(module: nn.Module) -> int:
+        bias = getattr(module, "relative_position_bias", None)
+        size = getattr(bias, "window_size", None) or getattr(module, "window_size", None)
+        return _pair(size)[0] if size is not None else 0
+
+    @staticmethod
+    def _select(model: nn.Module, site_configs: list) -> None:
+        """Select ``"attnmask"`` on the sites' configs; remember every config's choice before."""
+        configs = {id(c): c for c in [getattr(model, "config", None), *site_configs] if c is not None}
+        saved = [(c, c._attn_implementation) for c in configs.values()]
+        model.__dict__[_CONFIGS] = saved
+        try:
+            if getattr(model, "config", None) is site_configs[0] and hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation(ATTN_NAME)
+            for config in site_configs:
+                config._attn_implementation_internal = ATTN_NAME
+        except BaseException:
+            _restore_configs(saved)
+            raise
+
+    def uninstall(self, model: nn.Module, names: Sequence[str]) -> None:
+        _restore_configs(model.__dict__.pop(_CONFIGS, []))
+        for module in model.modules():
+            for attr in ("_attnmask_plan", "_attnmask_layout", _PREVIOUS):
+                module.__dict__.pop(attr, None)
+            for hooks in (module._forward_hooks,):
+                for key in [k for k, h in hooks.items() if _is_layout_hook(h)]:
+                    del hooks[key]
+
+    def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
+        for _, module in self._attention_modules(model):
+            layout = module.__dict__.get("_attnmask_layout")
+            if layout is not None:
+                return layout.grid
+        if self.family.layout == "windows":
+            modules = self._attention_modules(model)
+            size = self._window_size(modules[0][1]) if modules else 0
+            return (size, size) if size else None
+        try:
+            _, conv = self._patch_embedding(model)
+        except TypeError:
+            return None
+        config = self._attention_modules(model)[0][1].config
+        image, patch = _pair(getattr(config, "image_size", 224)), _pair(getattr(config, "patch_size", conv.stride))
+        return image[0] // patch[0], image[1] // patch[1]
+
+    def notes(self, model: nn.Module) -> list[str]:
+        notes = []
+        masked = [m for _, m in self._attention_modules(model) if "_attnmask_plan" in m.__dict__]
+        inactive = {m.config._attn_implementation for m in masked} - {ATTN_NAME}
+        if inactive:
+            notes.append(
+                f"the config selects attention implementation {sorted(inactive)}, not {ATTN_NAME!r}: "
+                "the masks are inactive (was set_attn_implementation called after apply?); "
+                "call attnmask.apply again"
+            )
+        if self.family.skip:
+            left = [n for n, m in model.named_modules() if self._is_attention(m) and any(p in n.split(".") for p in self.family.skip)]
+            if left:
+                notes.append(f"{len(left)} decoder attention layers are left global")
+        if self.family.vision_only:
+            text = [n for n, m in model.named_modules() if self._is_attention(m) and not type(m.config).__name__.endswith("VisionConfig")]
+            if text:
+                notes.append(f"{len(text)} text-tower attention layers are left alone")
+        pooling = [n for n, m in model.named_modules() if type(m).__name__.endswith("AttentionPoolingHead")]
+        if pooling:
+            notes.append("the attention-pooling head is left alone")
+        return notes
+
+
+def _is_layout_hook(hook) -> bool:
+    owner = getattr(hook, "__self__", hook)
+    return isinstance(owner, (PatchLayout, WindowLayout))
+
+
+def _restore_configs(saved) -> None:
+    """Put back each config's implementation, unless the user has chosen another since."""
+    for config, implementation in saved:
+        if config._attn_implementation == ATTN_NAME:
+            config._attn_implementation_internal = implementation
+
+
+def _registers(config) -> int:
+    return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+
+
+VIT = HFAdapter(HFFamily("hf.vit", ("vit",)))
+DEIT = HFAdapter(HFFamily("hf.deit", ("deit",), prefix_tokens=lambda config: 2))
+BEIT = HFAdapter(HFFamily("hf.beit", ("beit",)))
+DINOV2 = HFAdapter(HFFamily("hf.dinov2", ("dinov2", "dinov2_with_registers"), prefix_tokens=_registers))
+SWIN = HFAdapter(HFFamily("hf.swin", ("swin",), layout="windows", prefix_tokens=lambda config: 0))
+VIT_MAE = HFAdapter(HFFamily("hf.vit_mae", ("vit_mae",), layout="shuffled", skip=("decoder",)))
+CLIP = HFAdapter(HFFamily("hf.clip", ("clip",), vision_only=True))
+SIGLIP = HFAdapter(HFFamily("hf.siglip", ("siglip",), prefix_tokens=lambda config: 0, vision_only=True))

@@ -1,0 +1,142 @@
+"""timm adapter for CaiT (``timm.models.cait.TalkingHeadAttn``).
+
+CaiT's self-attention layers use talking-heads attention: ``proj_l`` mixes the heads' logits
+before the softmax and ``proj_w`` mixes the heads' attention weights after it. The class
+token joins only later, in the class-attention layers (``ClassAttn`` in
+``model.blocks_token_only``), so the self-attention layers see the patch tokens alone: no
+prefix tokens. Class-attention layers are left global (``describe()`` says so).
+
+:class:`MaskedTalkingHeadAttn` repeats the host's forward and fills the head-mixed logits of
+the chosen heads with ``-inf`` where the locality mask forbids attention, after ``proj_l`` and
+before the softmax. ``proj_w`` then remixes all heads' weights, so a masked head's output is
+strictly local only when every head it is mixed with is masked: use ``heads="all"`` for
+strict locality. No attnmask kernel is involved: ``backend="auto"`` runs the host's
+arithmetic, ``backend="reference"`` computes the logits, both head mixings, the softmax and
+the weighted sum in float64 (for tests), and ``"sdpa"`` is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models.cait import ClassAttn, TalkingHeadAttn
+from torch import nn
+
+from ..masks import LocalMask, mask_logits
+from ..spec import LayerPlan
+from . import Site
+from .timm_vit import TokenLayout
+
+
+def _mix_heads(layer: nn.Linear, attn: torch.Tensor) -> torch.Tensor:
+    """Apply a head-mixing ``nn.Linear(num_heads, num_heads)`` to ``(B, H, N, N)`` weights.
+
+    In float64 when ``attn`` is (the reference backend), else by calling ``layer`` as the host does.
+    """
+    attn = attn.permute(0, 2, 3, 1)
+    if attn.dtype == torch.float64 and layer.weight.dtype != torch.float64:
+        bias = layer.bias.double() if layer.bias is not None else None
+        attn = F.linear(attn, layer.weight.double(), bias)
+    else:
+        attn = layer(attn)
+    return attn.permute(0, 3, 1, 2)
+
+
+class MaskedTalkingHeadAttn(TalkingHeadAttn):
+    """``TalkingHeadAttn`` whose chosen heads' mixed logits are local (see the module docstring)."""
+
+    _attnmask_plan: LayerPlan
+    _attnmask_tokens: TokenLayout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        plan = self._attnmask_plan
+        mask = LocalMask(
+            grid=self._attnmask_tokens.grid(N),
+            window=plan.window,
+            prefix_tokens=0,
+            num_heads=plan.num_heads,
+            heads=plan.heads,
+            prefix=plan.prefix,
+        )
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        if plan.backend == "reference":
+            qkv = qkv.double()
+        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+
+        attn = q @ k.transpose(-2, -1)
+        attn = _mix_heads(self.proj_l, attn)
+        attn = mask_logits(attn, mask)
+        attn = attn.softmax(dim=-1)
+        attn = _mix_heads(self.proj_w, attn)
+        attn = self.attn_drop(attn)
+
+        x = (attn @ v).to(x.dtype).transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+def _talking_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if type(m) in (TalkingHeadAttn, MaskedTalkingHeadAttn)]
+
+
+class TimmCaiTAdapter:
+    """Adapter for timm's CaiT (registered as ``"timm.cait"``)."""
+
+    name = "timm.cait"
+    # Masked heads run in the host's own talking-heads arithmetic, not an attnmask kernel.
+    backends = ("auto", "reference")
+    backend_label = "CaiT's talking-heads attention, masked logits (float64 with backend='reference')"
+
+    def matches(self, model: nn.Module) -> bool:
+        return bool(_talking_heads(model))
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        if not hasattr(getattr(model, "patch_embed", None), "grid_size"):
+            raise TypeError(
+                f"attnmask: timm model {type(model).__name__} has TalkingHeadAttn layers but no patch "
+                "grid (expected a CaiT-like model with `patch_embed.grid_size`)"
+            )
+        return [
+            Site(name=name, layer=i, num_heads=int(m.num_heads), module=m)
+            for i, (name, m) in enumerate(_talking_heads(model))
+        ]
+
+    def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:
+        # The self-attention layers see patch tokens only: the class token is appended after them.
+        tokens = TokenLayout(model.patch_embed, prefix_tokens=0)
+        for site, plan in zip(sites, plans):
+            module = site.module
+            module.__class__ = MaskedTalkingHeadAttn
+            module._attnmask_plan = plan
+            module._attnmask_tokens = tokens
+
+    def uninstall(self, model: nn.Module, names: Sequence[str]) -> None:
+        for name in names:
+            module = model.get_submodule(name)
+            if isinstance(module, MaskedTalkingHeadAttn):
+                module.__class__ = TalkingHeadAttn
+                for attr in ("_attnmask_plan", "_attnmask_tokens"):
+                    module.__dict__.pop(attr, None)
+
+    def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        return (int(grid[0]), int(grid[1])) if grid is not None else None
+
+    def notes(self, model: nn.Module) -> list[str]:
+        notes = []
+        class_attn = sum(1 for m in model.modules() if isinstance(m, ClassAttn))
+        if class_attn:
+            layers = "layer (ClassAttn) is" if class_attn == 1 else "layers (ClassAttn) are"
+            notes.append(f"{class_attn} class-attention {layers} left global")
+        notes.append(
+            "talking-heads attention remixes heads after the softmax (proj_w): a masked head is "
+            "strictly local only when all heads of its layer are masked"
+        )
+        return notes
+
+
+ADAPTER = TimmCaiTAdapter()
