@@ -6,6 +6,7 @@ patch token attends only to its ``k x k`` neighbourhood while prefix tokens stay
 by the adapter of a model that comes from them.
 """
 
+from .adapters import supported
 from .api import apply, describe, get_spec, is_patched, remove
 from .masks import LocalMask, local_window
 from .report import MaskReport
@@ -24,4 +25,5 @@ __all__ = [
     "is_patched",
     "local_window",
     "remove",
+    "supported",
 ]

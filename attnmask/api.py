@@ -74,6 +74,12 @@ def apply(
     prefix = check_prefix(prefix)
     resolved_backend = resolve_backend(backend)
     adapter = find_adapter(model)
+    accepted = getattr(adapter, "backends", None)
+    if accepted is not None and backend not in accepted:
+        raise ValueError(
+            f"backend={backend!r} is not accepted for {adapter.name} models: their masked heads run in "
+            f"the host's own attention code ({adapter.backend_label}); accepted: {list(accepted)}"
+        )
     sites = adapter.sites(model)
     if not sites:
         raise TypeError(f"attnmask found no attention layers to patch in {type(model).__name__}")
@@ -151,9 +157,11 @@ def describe(model: nn.Module) -> MaskReport:
     """
     spec = get_spec(model)
     adapter = adapter_named(spec.family) if spec is not None else find_adapter(model)
+    notes = tuple(adapter.notes(model)) if hasattr(adapter, "notes") else ()
     if spec is None:
         sites = adapter.sites(model)
         rows = [LayerRow(s.layer, s.name, s.num_heads, ()) for s in sites]
-        return MaskReport(adapter.name, rows, None, adapter.grid(model), "global", None, None)
+        return MaskReport(adapter.name, rows, None, adapter.grid(model), "global", None, None, notes=notes)
     rows = [LayerRow(i, name, n, chosen) for i, (name, n, chosen) in enumerate(zip(spec.layers, spec.num_heads, spec.heads))]
-    return MaskReport(adapter.name, rows, spec.window, adapter.grid(model), spec.prefix, spec.backend, resolve_backend(spec.backend), spec)
+    resolved = getattr(adapter, "backend_label", None) or resolve_backend(spec.backend)
+    return MaskReport(adapter.name, rows, spec.window, adapter.grid(model), spec.prefix, spec.backend, resolved, spec, notes)

@@ -31,6 +31,7 @@ class MaskReport:
         backend: Backend asked for (``None`` if not patched).
         resolved_backend: Kernel that runs the masked heads.
         spec: The model's :class:`MaskSpec`, if patched.
+        notes: What the adapter says about this model (layers left alone, caveats).
     """
 
     family: str
@@ -41,6 +42,7 @@ class MaskReport:
     backend: Optional[str]
     resolved_backend: Optional[str]
     spec: Optional[MaskSpec] = None
+    notes: tuple[str, ...] = ()
 
     @property
     def patched(self) -> bool:
@@ -60,6 +62,7 @@ class MaskReport:
                 {"layer": r.layer, "name": r.name, "num_heads": r.num_heads, "masked_heads": list(r.heads)}
                 for r in self.layers
             ],
+            "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
@@ -81,6 +84,7 @@ class MaskReport:
             if r.heads and len(r.heads) == r.num_heads:
                 chosen += " (all)"
             lines.append(f"{r.layer:>5}  {r.name:<{name_width}}  {r.num_heads:>5}  {chosen}")
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 

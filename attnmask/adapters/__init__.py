@@ -56,6 +56,14 @@ class Adapter(Protocol):
     def grid(self, model: nn.Module) -> tuple[int, int] | None:
         """The patch grid of the model's latest (or default) input size, for reports."""
 
+    def notes(self, model: nn.Module) -> list[str]:
+        """What ``describe()`` should add about this model (layers left alone, caveats)."""
+
+    # Optional, for adapters whose masked heads run in the host's own attention code rather
+    # than an attnmask kernel: the ``backend`` values they honour and what runs instead.
+    # backends: tuple[str, ...]
+    # backend_label: str
+
 
 @dataclass(frozen=True)
 class AdapterEntry:
@@ -64,35 +72,230 @@ class AdapterEntry:
     Attributes:
         name: Family name, stored in :class:`~attnmask.MaskSpec` (e.g. ``"timm.vit"``).
         host: Top-level module of the host library (checked in ``sys.modules``).
-        module: Adapter module that defines ``ADAPTER``.
+        module: Adapter module.
+        attr: Name of the adapter object in ``module``.
         models: What a user would call the supported models.
+        how: How the attention is patched (one sentence, for the docs).
+        caveats: What a user should know (for the docs); empty if nothing.
+        tested: Host-library versions the test suite has run against.
     """
 
     name: str
     host: str
     module: str
     models: str
+    attr: str = "ADAPTER"
+    how: str = ""
+    caveats: str = ""
+    tested: tuple[str, ...] = ()
 
 
+TIMM_TESTED = ("timm 1.0.29", "timm 1.0.31")
+HF_TESTED = ("transformers 5.17.0", "transformers 5.24.0")
+TORCHVISION_TESTED = ("torchvision 0.29.1",)
+
+_HF_HOW = (
+    "one attention function registered as `\"attnmask\"` with `AttentionInterface.register` and "
+    "selected on the model's (vision) config; the model's previous implementation runs every "
+    "unmasked layer and is restored by `remove`"
+)
+
+# Most specific first: ``find_adapter`` takes the first entry whose adapter matches.
 REGISTRY: tuple[AdapterEntry, ...] = (
+    AdapterEntry(
+        name="timm.cait",
+        host="timm",
+        module="attnmask.adapters.timm_cait",
+        models="timm CaiT (`cait_*`)",
+        how="each `TalkingHeadAttn` instance's class is swapped to a subclass that masks the "
+        "head-mixed logits (after `proj_l`, before softmax) of the chosen heads",
+        caveats="`proj_w` mixes heads again after the softmax, so a masked head's output is local "
+        "only when every head it is mixed with is masked (use `heads=\"all\"` for strict locality). "
+        "Class-attention layers (`ClassAttn`) are left alone; `describe()` says so.",
+        tested=TIMM_TESTED,
+    ),
+    AdapterEntry(
+        name="timm.swin",
+        host="timm",
+        module="attnmask.adapters.timm_swin",
+        models="timm Swin and SwinV2 (`swin_*`, `swinv2_*`), including SwinV2's cosine attention "
+        "and continuous position bias",
+        how="each `WindowAttention` instance's class is swapped to a subclass that puts `-inf` on "
+        "the masked heads' relative position bias (SwinV2: continuous position bias) where the "
+        "locality mask forbids attention, before the shifted-window mask is added",
+        caveats="The geometry is each attention window's own token grid (e.g. 7 x 7), not the "
+        "image's: a window as large as the attention window masks nothing.",
+        tested=TIMM_TESTED,
+    ),
+    AdapterEntry(
+        name="timm.beit",
+        host="timm",
+        module="attnmask.adapters.timm_beit",
+        models="timm BEiT and BEiT v2 (`beit_*`, `beitv2_*`)",
+        how="each BEiT `Attention` instance's class is swapped to a subclass; the relative "
+        "position bias is kept and the locality mask added to it",
+        tested=TIMM_TESTED,
+    ),
+    AdapterEntry(
+        name="timm.eva",
+        host="timm",
+        module="attnmask.adapters.timm_eva",
+        models="timm EVA, EVA-02 and other models on `EvaAttention` (rotary embeddings)",
+        how="each `EvaAttention` instance's class is swapped to a subclass; rotary embeddings "
+        "are applied as before, then the masked kernel runs",
+        caveats="Eva models built with `attn_type='rope'` (`AttentionRope`: Perception Encoder "
+        "`vit_pe_*`, ROPE-ViT `vit_*_rope_*`) are not supported.",
+        tested=TIMM_TESTED,
+    ),
     AdapterEntry(
         name="timm.vit",
         host="timm",
         module="attnmask.adapters.timm_vit",
-        models="timm VisionTransformer family on timm.layers.Attention: ViT, DeiT, DeiT-III, "
+        models="timm VisionTransformer family on `timm.layers.Attention`: ViT, DeiT, DeiT-III, "
         "distilled DeiT, register-token ViTs (e.g. DINOv2-reg), SigLIP-style ViTs without class token",
+        how="each `Attention` instance's class is swapped to a subclass; the grid of each forward "
+        "is read from the patch embedding (`dynamic_img_size=True` included)",
+        tested=TIMM_TESTED,
+    ),
+    AdapterEntry(
+        name="hf.vit",
+        host="transformers",
+        module="attnmask.adapters.hf",
+        attr="VIT",
+        models="Hugging Face ViT (`ViTModel`, `ViTForImageClassification`, ...)",
+        how=_HF_HOW,
+        tested=HF_TESTED,
+    ),
+    AdapterEntry(
+        name="hf.deit",
+        host="transformers",
+        module="attnmask.adapters.hf",
+        attr="DEIT",
+        models="Hugging Face DeiT (class + distillation token)",
+        how=_HF_HOW,
+        tested=HF_TESTED,
+    ),
+    AdapterEntry(
+        name="hf.beit",
+        host="transformers",
+        module="attnmask.adapters.hf",
+        attr="BEIT",
+        models="Hugging Face BEiT (`BeitModel`, `BeitForImageClassification`, ...)",
+        how=_HF_HOW + "; the relative position bias arrives as `attention_mask` and the locality "
+        "mask is added to it",
+        tested=HF_TESTED,
+    ),
+    AdapterEntry(
+        name="hf.dinov2",
+        host="transformers",
+        module="attnmask.adapters.hf",
+        attr="DINOV2",
+        models="Hugging Face DINOv2 and DINOv2-with-registers",
+        how=_HF_HOW,
+        tested=HF_TESTED,
+    ),
+    AdapterEntry(
+        name="hf.swin",
+        host="transformers",
+        module="attnmask.adapters.hf",
+        attr="SWIN",
+        models="Hugging Face Swin",
+        how=_HF_HOW + "; the locality mask is added to the relative position bias and the "
+        "shifted-window mask",
+        caveats="The geometry is each attention window's own token grid (`window_size` x "
+        "`window_size`), not the image's.",
+        tested=HF_TESTED,
+    ),
+    AdapterEntry(
+        name="hf.vit_mae",
+        host="transformers",
+        module="attnmask.adapters.hf",
+        attr="VIT_MAE",
+        models="Hugging Face ViTMAE (`ViTMAEModel`, `ViTMAEForPreTraining`): the encoder",
+        how=_HF_HOW + "; each sample's kept patches and their order come from the embedding's "
+        "`ids_restore`",
+        caveats="Random masking shuffles and drops patch tokens: the mask is built per sample from "
+        "the true grid position of every kept patch. The pre-training decoder is left global.",
+        tested=HF_TESTED,
+    ),
+    AdapterEntry(
+        name="hf.clip",
+        host="transformers",
+        module="attnmask.adapters.hf",
+        attr="CLIP",
+        models="Hugging Face CLIP vision tower (`CLIPVisionModel`, `CLIPModel`'s vision tower)",
+        how=_HF_HOW,
+        caveats="Only the vision tower is patched; the text tower is left alone.",
+        tested=HF_TESTED,
+    ),
+    AdapterEntry(
+        name="hf.siglip",
+        host="transformers",
+        module="attnmask.adapters.hf",
+        attr="SIGLIP",
+        models="Hugging Face SigLIP vision tower (no class token)",
+        how=_HF_HOW,
+        caveats="Only the vision tower's self-attention is patched; the attention-pooling head "
+        "and the text tower are left alone.",
+        tested=HF_TESTED,
+    ),
+    AdapterEntry(
+        name="torchvision.vit",
+        host="torchvision",
+        module="attnmask.adapters.torchvision_vit",
+        models="torchvision `vit_b_16`, `vit_b_32`, `vit_l_16`, `vit_l_32`, `vit_h_14`",
+        how="each `nn.MultiheadAttention` of an `EncoderBlock` has its class swapped to a "
+        "subclass computing attention from the module's own `in_proj`/`out_proj` weights",
+        caveats="torchvision's ViT accepts only its configured image size. A masked layer accepts only "
+        "the call `EncoderBlock` makes (self-attention, `need_weights=False`) and runs all its heads "
+        "outside `nn.MultiheadAttention`'s fused eval fast path: its global heads equal the unfused "
+        "path bit for bit and the fused one up to float32 rounding.",
+        tested=TORCHVISION_TESTED,
+    ),
+    AdapterEntry(
+        name="torchvision.swin",
+        host="torchvision",
+        module="attnmask.adapters.torchvision_swin",
+        models="torchvision `swin_t`, `swin_s`, `swin_b`, `swin_v2_t`, `swin_v2_s`, `swin_v2_b`",
+        how="each `ShiftedWindowAttention(V2)` instance's class is swapped to a subclass whose "
+        "relative position bias carries the locality mask",
+        caveats="The geometry is each attention window's own token grid (7 x 7 for Swin, 8 x 8 for "
+        "Swin V2), not the image's; torchvision pads feature maps smaller than the window to one "
+        "window rather than shrinking it. torchvision's own attention runs the masked heads, so "
+        "`backend` has no effect.",
+        tested=TORCHVISION_TESTED,
     ),
 )
 
 
+def supported() -> list[dict[str, object]]:
+    """The supported families, one dict per registry row.
+
+    Keys: ``family``, ``host`` (library), ``models``, ``how`` (how it is patched),
+    ``caveats`` and ``tested`` (host-library versions the test suite ran against).
+    Importing nothing: this works without any host library installed.
+    """
+    return [
+        {
+            "family": e.name,
+            "host": e.host,
+            "models": e.models,
+            "how": e.how,
+            "caveats": e.caveats,
+            "tested": list(e.tested),
+        }
+        for e in REGISTRY
+    ]
+
+
 def supported_families() -> str:
     """Human-readable list of the supported families (for error messages)."""
-    return "; ".join(f"{entry.name} ({entry.models})" for entry in REGISTRY)
+    return "; ".join(f"{e.name} ({e.models}; tested with {', '.join(e.tested)})" for e in REGISTRY)
 
 
 def load(entry: AdapterEntry) -> Adapter:
-    """Import an adapter module and return its ``ADAPTER``."""
-    return importlib.import_module(entry.module).ADAPTER
+    """Import an adapter module and return the adapter it names ``entry.attr``."""
+    return getattr(importlib.import_module(entry.module), entry.attr)
 
 
 def adapter_named(name: str) -> Adapter:
