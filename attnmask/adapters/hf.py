@@ -43,6 +43,7 @@ from ..kernels import get_kernel
 from ..masks import LocalMask, combine_masks
 from ..spec import LayerPlan
 from . import Site
+from .swap import remove_attnmask_hooks
 
 ATTN_NAME = "attnmask"
 """The name :func:`attnmask_attention` is registered under."""
@@ -337,9 +338,7 @@ class HFAdapter:
         for module in model.modules():
             for attr in ("_attnmask_plan", "_attnmask_layout", _PREVIOUS):
                 module.__dict__.pop(attr, None)
-            for hooks in (module._forward_hooks,):
-                for key in [k for k, h in hooks.items() if _is_layout_hook(h)]:
-                    del hooks[key]
+        remove_attnmask_hooks(model)
 
     def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
         for _, module in self._attention_modules(model):
@@ -380,11 +379,6 @@ class HFAdapter:
         if pooling:
             notes.append("the attention-pooling head is left alone")
         return notes
-
-
-def _is_layout_hook(hook) -> bool:
-    owner = getattr(hook, "__self__", hook)
-    return isinstance(owner, (PatchLayout, WindowLayout))
 
 
 def _restore_configs(saved) -> None:

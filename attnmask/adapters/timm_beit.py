@@ -9,18 +9,16 @@ bias is kept. The class token is the one prefix token; the grid is the patch emb
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from timm.models.beit import Attention as BeitAttention
 from torch import nn
 
 from ..kernels import get_kernel
 from ..masks import LocalMask
 from ..spec import LayerPlan
-from . import Site
-from .timm_vit import TokenLayout
+from .timm_vit import TimmPatchAdapter, TokenLayout, timm_qkv
 
 
 class MaskedBeitAttention(BeitAttention):
@@ -34,15 +32,7 @@ class MaskedBeitAttention(BeitAttention):
         plan = self._attnmask_plan
         tokens = self._attnmask_tokens
 
-        if self.q_bias is None:
-            qkv = self.qkv(x)
-        else:
-            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            if getattr(self, "qkv_bias_separate", False):
-                qkv = self.qkv(x)
-                qkv += qkv_bias
-            else:
-                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        qkv = timm_qkv(self, x)
         qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # B, num_heads, N, head_dim
 
@@ -73,48 +63,15 @@ class MaskedBeitAttention(BeitAttention):
         return x
 
 
-def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if type(m) in (BeitAttention, MaskedBeitAttention)]
-
-
-class TimmBeitAdapter:
+class TimmBeitAdapter(TimmPatchAdapter):
     """Adapter for timm's BEiT and BEiT v2 (registered as ``"timm.beit"``)."""
 
     name = "timm.beit"
+    masked = {BeitAttention: MaskedBeitAttention}
+    layers = "BEiT attention"
 
-    def matches(self, model: nn.Module) -> bool:
-        return bool(_attention_modules(model))
-
-    def sites(self, model: nn.Module) -> list[Site]:
-        if not hasattr(getattr(model, "patch_embed", None), "grid_size"):
-            raise TypeError(
-                f"attnmask: timm model {type(model).__name__} has BEiT attention layers but no patch "
-                "grid (expected a Beit-like model with `patch_embed.grid_size`)"
-            )
-        return [
-            Site(name=name, layer=i, num_heads=int(m.num_heads), module=m)
-            for i, (name, m) in enumerate(_attention_modules(model))
-        ]
-
-    def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:
-        tokens = TokenLayout(model.patch_embed, int(getattr(model, "num_prefix_tokens", 1)))
-        for site, plan in zip(sites, plans):
-            module = site.module
-            module.__class__ = MaskedBeitAttention
-            module._attnmask_plan = plan
-            module._attnmask_tokens = tokens
-
-    def uninstall(self, model: nn.Module, names: Sequence[str]) -> None:
-        for name in names:
-            module = model.get_submodule(name)
-            if isinstance(module, MaskedBeitAttention):
-                module.__class__ = BeitAttention
-                for attr in ("_attnmask_plan", "_attnmask_tokens"):
-                    module.__dict__.pop(attr, None)
-
-    def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
-        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-        return (int(grid[0]), int(grid[1])) if grid is not None else None
+    def prefix_tokens(self, model: nn.Module) -> int:
+        return int(getattr(model, "num_prefix_tokens", 1))  # older timm Beit: just the class token
 
 
 ADAPTER = TimmBeitAdapter()

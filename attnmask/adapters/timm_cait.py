@@ -17,8 +17,6 @@ the weighted sum in float64 (for tests), and ``"sdpa"`` is refused.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
 import torch.nn.functional as F
 from timm.models.cait import ClassAttn, TalkingHeadAttn
@@ -26,8 +24,7 @@ from torch import nn
 
 from ..masks import LocalMask, mask_logits
 from ..spec import LayerPlan
-from . import Site
-from .timm_vit import TokenLayout
+from .timm_vit import TimmPatchAdapter, TokenLayout
 
 
 def _mix_heads(layer: nn.Linear, attn: torch.Tensor) -> torch.Tensor:
@@ -79,52 +76,18 @@ class MaskedTalkingHeadAttn(TalkingHeadAttn):
         return x
 
 
-def _talking_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if type(m) in (TalkingHeadAttn, MaskedTalkingHeadAttn)]
-
-
-class TimmCaiTAdapter:
+class TimmCaiTAdapter(TimmPatchAdapter):
     """Adapter for timm's CaiT (registered as ``"timm.cait"``)."""
 
     name = "timm.cait"
+    masked = {TalkingHeadAttn: MaskedTalkingHeadAttn}
+    layers = "TalkingHeadAttn"
     # Masked heads run in the host's own talking-heads arithmetic, not an attnmask kernel.
     backends = ("auto", "reference")
     backend_label = "CaiT's talking-heads attention, masked logits (float64 with backend='reference')"
 
-    def matches(self, model: nn.Module) -> bool:
-        return bool(_talking_heads(model))
-
-    def sites(self, model: nn.Module) -> list[Site]:
-        if not hasattr(getattr(model, "patch_embed", None), "grid_size"):
-            raise TypeError(
-                f"attnmask: timm model {type(model).__name__} has TalkingHeadAttn layers but no patch "
-                "grid (expected a CaiT-like model with `patch_embed.grid_size`)"
-            )
-        return [
-            Site(name=name, layer=i, num_heads=int(m.num_heads), module=m)
-            for i, (name, m) in enumerate(_talking_heads(model))
-        ]
-
-    def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:
-        # The self-attention layers see patch tokens only: the class token is appended after them.
-        tokens = TokenLayout(model.patch_embed, prefix_tokens=0)
-        for site, plan in zip(sites, plans):
-            module = site.module
-            module.__class__ = MaskedTalkingHeadAttn
-            module._attnmask_plan = plan
-            module._attnmask_tokens = tokens
-
-    def uninstall(self, model: nn.Module, names: Sequence[str]) -> None:
-        for name in names:
-            module = model.get_submodule(name)
-            if isinstance(module, MaskedTalkingHeadAttn):
-                module.__class__ = TalkingHeadAttn
-                for attr in ("_attnmask_plan", "_attnmask_tokens"):
-                    module.__dict__.pop(attr, None)
-
-    def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
-        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-        return (int(grid[0]), int(grid[1])) if grid is not None else None
+    def prefix_tokens(self, model: nn.Module) -> int:
+        return 0  # the self-attention layers see patch tokens only: the class token joins later
 
     def notes(self, model: nn.Module) -> list[str]:
         notes = []

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.models.eva import EvaAttention
 from torch import nn
@@ -24,7 +23,7 @@ from ..kernels import get_kernel
 from ..masks import LocalMask, combine_masks
 from ..spec import LayerPlan
 from . import Site
-from .timm_vit import TokenLayout
+from .timm_vit import TimmPatchAdapter, TokenLayout, timm_qkv
 
 
 class KeptPatches:
@@ -88,15 +87,7 @@ class MaskedEvaAttention(EvaAttention):
         gate = gate_layer(x).sigmoid() if gate_layer is not None else None
 
         if self.qkv is not None:
-            if self.q_bias is None:
-                qkv = self.qkv(x)
-            else:
-                qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-                if getattr(self, "qkv_bias_separate", False):
-                    qkv = self.qkv(x)
-                    qkv += qkv_bias
-                else:
-                    qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+            qkv = timm_qkv(self, x)
             qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)  # B, num_heads, N, head_dim
         else:
@@ -133,66 +124,23 @@ class MaskedEvaAttention(EvaAttention):
         return x
 
 
-def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if type(m) in (EvaAttention, MaskedEvaAttention)]
-
-
-class TimmEvaAdapter:
+class TimmEvaAdapter(TimmPatchAdapter):
     """Adapter for timm's EVA family (registered as ``"timm.eva"``)."""
 
     name = "timm.eva"
+    masked = {EvaAttention: MaskedEvaAttention}
+    layers = "EvaAttention"
 
-    def matches(self, model: nn.Module) -> bool:
-        return bool(_attention_modules(model))
-
-    def sites(self, model: nn.Module) -> list[Site]:
-        patch_embed = getattr(model, "patch_embed", None)
-        if not hasattr(patch_embed, "grid_size") or not hasattr(model, "num_prefix_tokens"):
-            raise TypeError(
-                f"attnmask: timm model {type(model).__name__} has EvaAttention layers but no patch grid "
-                "(expected an Eva-like model with `patch_embed.grid_size` and `num_prefix_tokens`)"
-            )
-        return [
-            Site(name=name, layer=i, num_heads=int(m.num_heads), module=m)
-            for i, (name, m) in enumerate(_attention_modules(model))
-        ]
-
-    def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:
-        tokens = TokenLayout(model.patch_embed, int(model.num_prefix_tokens))
-        if getattr(model, "dynamic_img_size", False):
-            model.patch_embed.register_forward_hook(tokens)
+    def attach(self, model: nn.Module, sites: Sequence[Site]) -> None:
+        super().attach(model, sites)
+        # Patch dropout (training) keeps a per-sample subset of patches: record which.
         patch_drop = getattr(model, "patch_drop", None)
         kept = None
         if isinstance(patch_drop, nn.Module):
             kept = KeptPatches()
             patch_drop.register_forward_hook(kept)
-        for site, plan in zip(sites, plans):
-            module = site.module
-            module.__class__ = MaskedEvaAttention
-            module._attnmask_plan = plan
-            module._attnmask_tokens = tokens
-            module._attnmask_kept = kept
-
-    def uninstall(self, model: nn.Module, names: Sequence[str]) -> None:
-        for name in names:
-            module = model.get_submodule(name)
-            if isinstance(module, MaskedEvaAttention):
-                module.__class__ = EvaAttention
-                for attr in ("_attnmask_plan", "_attnmask_tokens", "_attnmask_kept"):
-                    module.__dict__.pop(attr, None)
-        hooked = ((getattr(model, "patch_embed", None), TokenLayout), (getattr(model, "patch_drop", None), KeptPatches))
-        for owner, kind in hooked:
-            if isinstance(owner, nn.Module):
-                for key in [k for k, hook in owner._forward_hooks.items() if isinstance(hook, kind)]:
-                    del owner._forward_hooks[key]
-
-    def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
-        for _, module in _attention_modules(model):
-            if isinstance(module, MaskedEvaAttention):
-                tokens = module._attnmask_tokens
-                return tokens.last_grid or tokens.static_grid
-        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-        return (int(grid[0]), int(grid[1])) if grid is not None else None
+        for site in sites:
+            site.module._attnmask_kept = kept
 
 
 ADAPTER = TimmEvaAdapter()

@@ -34,7 +34,8 @@ from torch import nn
 
 from ..masks import LocalMask, mask_logits
 from ..spec import LayerPlan
-from . import Site
+from .swap import ClassSwapAdapter
+from .timm_vit import timm_qkv
 
 
 def _local_mask(module: nn.Module) -> LocalMask:
@@ -94,15 +95,7 @@ class MaskedWindowAttentionV2(WindowAttentionV2):
         B_, N, C = x.shape
         reference = self._attnmask_plan.backend == "reference"
 
-        if self.q_bias is None:
-            qkv = self.qkv(x)
-        else:
-            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            if getattr(self, "qkv_bias_separate", False):
-                qkv = self.qkv(x)
-                qkv += qkv_bias
-            else:
-                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        qkv = timm_qkv(self, x)
         qkv = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         if reference:
             qkv = qkv.double()
@@ -134,11 +127,6 @@ class MaskedWindowAttentionV2(WindowAttentionV2):
 
 
 _MASKED = {WindowAttention: MaskedWindowAttention, WindowAttentionV2: MaskedWindowAttentionV2}
-_HOSTS = {masked: host for host, masked in _MASKED.items()}
-
-
-def _window_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if type(m) in _MASKED or type(m) in _HOSTS]
 
 
 def _layer_ranges(layers: Sequence[int]) -> str:
@@ -152,39 +140,18 @@ def _layer_ranges(layers: Sequence[int]) -> str:
     return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
-class TimmSwinAdapter:
+class TimmSwinAdapter(ClassSwapAdapter):
     """Adapter for timm's Swin and SwinV2 (registered as ``"timm.swin"``)."""
 
     name = "timm.swin"
+    masked = _MASKED
     # Masked heads run in the host's own window attention, not an attnmask kernel.
     backends = ("auto", "reference")
     backend_label = "timm's window attention, mask on the position bias (float64 with backend='reference')"
 
-    def matches(self, model: nn.Module) -> bool:
-        return bool(_window_modules(model))
-
-    def sites(self, model: nn.Module) -> list[Site]:
-        return [
-            Site(name=name, layer=i, num_heads=int(m.num_heads), module=m)
-            for i, (name, m) in enumerate(_window_modules(model))
-        ]
-
-    def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:
-        for site, plan in zip(sites, plans):
-            module = site.module
-            module.__class__ = _MASKED.get(type(module), type(module))
-            module._attnmask_plan = plan
-
-    def uninstall(self, model: nn.Module, names: Sequence[str]) -> None:
-        for name in names:
-            module = model.get_submodule(name)
-            if type(module) in _HOSTS:
-                module.__class__ = _HOSTS[type(module)]
-                module.__dict__.pop("_attnmask_plan", None)
-
     def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
         """The first attention window: the grid the locality mask is laid on."""
-        modules = _window_modules(model)
+        modules = self.attention_modules(model)
         if not modules:
             return None
         height, width = modules[0][1].window_size
@@ -193,7 +160,7 @@ class TimmSwinAdapter:
     def notes(self, model: nn.Module) -> list[str]:
         by_window: dict[tuple[int, int], list[int]] = {}
         covered: list[int] = []
-        for layer, (_, module) in enumerate(_window_modules(model)):
+        for layer, (_, module) in enumerate(self.attention_modules(model)):
             window = (int(module.window_size[0]), int(module.window_size[1]))
             by_window.setdefault(window, []).append(layer)
             plan = module.__dict__.get("_attnmask_plan")

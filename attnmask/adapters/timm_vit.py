@@ -11,9 +11,10 @@ Undoing swaps the class back and deletes the two attributes the patch added.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Attention
 from torch import nn
 
@@ -21,6 +22,7 @@ from ..kernels import get_kernel
 from ..masks import LocalMask, combine_masks
 from ..spec import LayerPlan
 from . import Site
+from .swap import ClassSwapAdapter
 
 
 class TokenLayout:
@@ -68,6 +70,21 @@ class TokenLayout:
             f"({self.prefix_tokens} prefix tokens + a {tried} grid); feed images through the "
             "model's patch embedding so the grid of each input is known"
         )
+
+
+def timm_qkv(module, x: torch.Tensor) -> torch.Tensor:
+    """``(B, N, 3 * dim)`` projections as timm's BEiT/EVA/SwinV2 attention compute them.
+
+    These modules keep separate ``q_bias``/``k_bias``/``v_bias`` (``k_bias`` a zero buffer)
+    next to a bias-free ``qkv`` linear; ``qkv_bias_separate`` (newer timm) adds the bias after
+    the matmul instead of inside it. Read with getattr: older timm releases lack the flag.
+    """
+    if module.q_bias is None:
+        return module.qkv(x)
+    qkv_bias = torch.cat((module.q_bias, module.k_bias, module.v_bias))
+    if getattr(module, "qkv_bias_separate", False):
+        return module.qkv(x) + qkv_bias
+    return F.linear(x, weight=module.qkv.weight, bias=qkv_bias)
 
 
 class MaskedAttention(Attention):
@@ -120,60 +137,50 @@ class MaskedAttention(Attention):
         return x
 
 
-def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if type(m) in (Attention, MaskedAttention)]
+class TimmPatchAdapter(ClassSwapAdapter):
+    """Base of the timm adapters whose layers see prefix tokens, then the patch grid.
+
+    The grid comes from ``model.patch_embed`` through one :class:`TokenLayout` per model
+    (a forward hook for ``dynamic_img_size`` models), shared by the patched layers.
+    """
+
+    layers: ClassVar[str]
+    """What the attention layers are called, for errors."""
+
+    def prefix_tokens(self, model: nn.Module) -> int:
+        """Tokens before the patches in the patched layers' sequences."""
+        return int(model.num_prefix_tokens)
+
+    def check(self, model: nn.Module) -> None:
+        try:
+            self.prefix_tokens(model)
+            model.patch_embed.grid_size
+        except AttributeError:
+            raise TypeError(
+                f"attnmask: timm model {type(model).__name__} has {self.layers} layers but no patch grid "
+                "(expected `patch_embed.grid_size` and `num_prefix_tokens`, as timm's ViTs have)"
+            ) from None
+
+    def attach(self, model: nn.Module, sites: Sequence[Site]) -> None:
+        tokens = TokenLayout(model.patch_embed, self.prefix_tokens(model))
+        if getattr(model, "dynamic_img_size", False):
+            model.patch_embed.register_forward_hook(tokens)
+        for site in sites:
+            site.module._attnmask_tokens = tokens
+
+    def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
+        for module in self.patched_modules(model):
+            tokens = module._attnmask_tokens
+            return tokens.last_grid or tokens.static_grid
+        return super().grid(model)
 
 
-class TimmViTAdapter:
+class TimmViTAdapter(TimmPatchAdapter):
     """Adapter for timm's VisionTransformer family (registered as ``"timm.vit"``)."""
 
     name = "timm.vit"
-
-    def matches(self, model: nn.Module) -> bool:
-        return bool(_attention_modules(model))
-
-    def sites(self, model: nn.Module) -> list[Site]:
-        patch_embed = getattr(model, "patch_embed", None)
-        if patch_embed is None or not hasattr(patch_embed, "grid_size") or not hasattr(model, "num_prefix_tokens"):
-            raise TypeError(
-                f"attnmask: timm model {type(model).__name__} has timm.layers.Attention layers but no "
-                "patch grid (expected a VisionTransformer-like model with `patch_embed.grid_size` and "
-                "`num_prefix_tokens`)"
-            )
-        return [
-            Site(name=name, layer=i, num_heads=int(m.num_heads), module=m)
-            for i, (name, m) in enumerate(_attention_modules(model))
-        ]
-
-    def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:
-        tokens = TokenLayout(model.patch_embed, int(model.num_prefix_tokens))
-        if getattr(model, "dynamic_img_size", False):
-            model.patch_embed.register_forward_hook(tokens)
-        for site, plan in zip(sites, plans):
-            module = site.module
-            module.__class__ = MaskedAttention
-            module._attnmask_plan = plan
-            module._attnmask_tokens = tokens
-
-    def uninstall(self, model: nn.Module, names: Sequence[str]) -> None:
-        for name in names:
-            module = model.get_submodule(name)
-            if isinstance(module, MaskedAttention):
-                module.__class__ = Attention
-                for attr in ("_attnmask_plan", "_attnmask_tokens"):
-                    module.__dict__.pop(attr, None)
-        patch_embed = getattr(model, "patch_embed", None)
-        if patch_embed is not None:
-            for key in [k for k, hook in patch_embed._forward_hooks.items() if isinstance(hook, TokenLayout)]:
-                del patch_embed._forward_hooks[key]
-
-    def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
-        for _, module in _attention_modules(model):
-            if isinstance(module, MaskedAttention):
-                tokens = module._attnmask_tokens
-                return tokens.last_grid or tokens.static_grid
-        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-        return (int(grid[0]), int(grid[1])) if grid is not None else None
+    masked = {Attention: MaskedAttention}
+    layers = "timm.layers.Attention"
 
 
 ADAPTER = TimmViTAdapter()

@@ -19,7 +19,7 @@ This family is not kernel-backed: the attention itself stays torchvision's.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedW
 
 from ..masks import LocalMask, mask_logits
 from ..spec import LayerPlan
-from . import Site
+from .swap import ClassSwapAdapter
 
 
 class LocalityBias:
@@ -67,52 +67,24 @@ MASKED = {
 }
 """Host class -> its masked subclass (only exact host classes are patched)."""
 
-ORIGINAL = {masked: host for host, masked in MASKED.items()}
-
-
-def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if type(m) in MASKED or type(m) in ORIGINAL]
-
-
-class TorchvisionSwinAdapter:
+class TorchvisionSwinAdapter(ClassSwapAdapter):
     """Adapter for torchvision's Swin and Swin V2 (registered as ``"torchvision.swin"``)."""
 
     name = "torchvision.swin"
+    masked = MASKED
     backends = ("auto",)
     backend_label = "torchvision's window attention, mask added to the position bias"
 
-    def matches(self, model: nn.Module) -> bool:
-        return bool(_attention_modules(model))
-
-    def sites(self, model: nn.Module) -> list[Site]:
-        return [
-            Site(name=name, layer=i, num_heads=int(m.num_heads), module=m)
-            for i, (name, m) in enumerate(_attention_modules(model))
-        ]
-
-    def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:
-        for site, plan in zip(sites, plans):
-            module = site.module
-            module.__class__ = MASKED[ORIGINAL.get(type(module), type(module))]
-            module._attnmask_plan = plan
-
-    def uninstall(self, model: nn.Module, names: Sequence[str]) -> None:
-        for name in names:
-            module = model.get_submodule(name)
-            if type(module) in ORIGINAL:
-                module.__class__ = ORIGINAL[type(module)]
-                module.__dict__.pop("_attnmask_plan", None)
-
     def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
         """The first attention window's token grid: the geometry the masks are built on."""
-        modules = _attention_modules(model)
+        modules = self.attention_modules(model)
         if not modules:
             return None
         size = modules[0][1].window_size
         return int(size[0]), int(size[1])
 
     def notes(self, model: nn.Module) -> list[str]:
-        sizes = sorted({tuple(int(s) for s in m.window_size) for _, m in _attention_modules(model)})
+        sizes = sorted({tuple(int(s) for s in m.window_size) for _, m in self.attention_modules(model)})
         shown = ", ".join(f"{h}x{w}" for h, w in sizes)
         return [
             f"the locality window applies inside each attention window ({shown} tokens), not across the "

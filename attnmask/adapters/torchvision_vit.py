@@ -26,6 +26,7 @@ from ..kernels import get_kernel
 from ..masks import LocalMask
 from ..spec import LayerPlan
 from . import Site
+from .swap import ClassSwapAdapter
 
 CLASS_TOKENS = 1
 """torchvision's ViT puts one class token before the patches."""
@@ -118,15 +119,17 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, EncoderBlock]]:
     ]
 
 
-class TorchvisionViTAdapter:
+class TorchvisionViTAdapter(ClassSwapAdapter):
     """Adapter for torchvision's ``VisionTransformer`` (registered as ``"torchvision.vit"``)."""
 
     name = "torchvision.vit"
+    masked = {nn.MultiheadAttention: MaskedMultiheadAttention}
 
-    def matches(self, model: nn.Module) -> bool:
-        return bool(_attention_modules(model))
+    def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The ``self_attention`` of every ``EncoderBlock`` (other MHA modules are left alone)."""
+        return [(name, block.self_attention) for name, block in _attention_modules(model)]
 
-    def sites(self, model: nn.Module) -> list[Site]:
+    def check(self, model: nn.Module) -> None:
         grids = _owned_blocks(model)
         orphans = [name for name, block in _attention_modules(model) if id(block) not in grids]
         if orphans:
@@ -134,27 +137,12 @@ class TorchvisionViTAdapter:
                 f"attnmask: torchvision EncoderBlocks outside a VisionTransformer have no known patch grid "
                 f"({orphans[0]}, ...): apply attnmask to the VisionTransformer that owns them"
             )
-        return [
-            Site(name=name, layer=i, num_heads=int(block.self_attention.num_heads), module=block.self_attention)
-            for i, (name, block) in enumerate(_attention_modules(model))
-        ]
 
-    def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:
+    def attach(self, model: nn.Module, sites: Sequence[Site]) -> None:
         grids = _owned_blocks(model)
-        block_of = {name: block for name, block in _attention_modules(model)}
-        for site, plan in zip(sites, plans):
-            module = site.module
-            module.__class__ = MaskedMultiheadAttention
-            module._attnmask_plan = plan
-            module._attnmask_grid = grids[id(block_of[site.name])]
-
-    def uninstall(self, model: nn.Module, names: Sequence[str]) -> None:
-        for name in names:
-            module = model.get_submodule(name)
-            if isinstance(module, MaskedMultiheadAttention):
-                module.__class__ = nn.MultiheadAttention
-                for attr in ("_attnmask_plan", "_attnmask_grid"):
-                    module.__dict__.pop(attr, None)
+        block_of = dict(_attention_modules(model))
+        for site in sites:
+            site.module._attnmask_grid = grids[id(block_of[site.name])]
 
     def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
         grids = _owned_blocks(model)
