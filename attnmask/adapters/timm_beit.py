@@ -16,9 +16,8 @@ from timm.models.beit import Attention as BeitAttention
 from torch import nn
 
 from ..kernels import get_kernel
-from ..masks import LocalMask
 from ..spec import LayerPlan
-from .timm_vit import TimmPatchAdapter, TokenLayout, timm_qkv
+from .timm_vit import TimmPatchAdapter, TokenLayout, layout_mask, timm_qkv
 
 
 class MaskedBeitAttention(BeitAttention):
@@ -45,14 +44,7 @@ class MaskedBeitAttention(BeitAttention):
         elif shared_rel_pos_bias is not None:
             rel_pos_bias = shared_rel_pos_bias
 
-        mask = LocalMask(
-            grid=tokens.grid(N),
-            window=plan.window,
-            prefix_tokens=tokens.prefix_tokens,
-            num_heads=plan.num_heads,
-            heads=plan.heads,
-            prefix=plan.prefix,
-        )
+        mask = layout_mask(tokens, plan, N)
         x = get_kernel(plan.backend)(
             q, k, v, mask, attn_mask=rel_pos_bias, dropout_p=self.attn_drop.p if self.training else 0.0
         )

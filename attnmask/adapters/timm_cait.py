@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from timm.models.cait import ClassAttn, TalkingHeadAttn
 from torch import nn
 
-from ..masks import LocalMask, mask_logits
+from ..masks import mask_logits
 from ..spec import LayerPlan
-from .timm_vit import TimmPatchAdapter, TokenLayout
+from .timm_vit import TimmPatchAdapter, TokenLayout, layout_mask
 
 
 def _mix_heads(layer: nn.Linear, attn: torch.Tensor) -> torch.Tensor:
@@ -50,14 +50,7 @@ class MaskedTalkingHeadAttn(TalkingHeadAttn):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         plan = self._attnmask_plan
-        mask = LocalMask(
-            grid=self._attnmask_tokens.grid(N),
-            window=plan.window,
-            prefix_tokens=0,
-            num_heads=plan.num_heads,
-            heads=plan.heads,
-            prefix=plan.prefix,
-        )
+        mask = layout_mask(self._attnmask_tokens, plan, N)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         if plan.backend == "reference":
             qkv = qkv.double()

@@ -87,6 +87,11 @@ def timm_qkv(module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight=module.qkv.weight, bias=qkv_bias)
 
 
+def layout_mask(tokens: TokenLayout, plan: LayerPlan, num_tokens: int) -> LocalMask:
+    """The layer's :class:`LocalMask` for a sequence of ``num_tokens`` tokens laid out as ``tokens``."""
+    return LocalMask(tokens.grid(num_tokens), plan.window, tokens.prefix_tokens, plan.num_heads, plan.heads, plan.prefix)
+
+
 class MaskedAttention(Attention):
     """``timm.layers.Attention`` whose chosen heads are local (see :mod:`attnmask.masks`).
 
@@ -114,14 +119,7 @@ class MaskedAttention(Attention):
             causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
             attn_mask = combine_masks(attn_mask, causal, q.dtype)
 
-        mask = LocalMask(
-            grid=tokens.grid(N),
-            window=plan.window,
-            prefix_tokens=tokens.prefix_tokens,
-            num_heads=plan.num_heads,
-            heads=plan.heads,
-            prefix=plan.prefix,
-        )
+        mask = layout_mask(tokens, plan, N)
         x = get_kernel(plan.backend)(
             q, k, v, mask, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0
         )
