@@ -29,7 +29,6 @@ Geometry, per forward:
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -40,9 +39,10 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..kernels import get_kernel
-from ..masks import LocalMask, combine_masks
+from ..masks import combine_masks
 from ..spec import LayerPlan
 from . import Site
+from .hf_layouts import PatchLayout, ShuffledPatchLayout, WindowLayout, pair
 from .swap import remove_attnmask_hooks
 
 ATTN_NAME = "attnmask"
@@ -105,93 +105,6 @@ def attnmask_attention(
 
 
 AttentionInterface.register(ATTN_NAME, attnmask_attention)
-
-
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
-
-
-class PatchLayout:
-    """Prefix tokens, then the row-major patch grid of the latest forward.
-
-    Registered as a forward hook on the patch-embedding convolution, whose ``(B, D, h, w)``
-    output gives the grid of each input. ``static_grid`` (image size // patch size of the
-    config) is used when no forward has run.
-    """
-
-    def __init__(self, prefix_tokens: int, static_grid: tuple[int, int]) -> None:
-        self.prefix_tokens = prefix_tokens
-        self.static_grid = static_grid
-        self.last_grid: Optional[tuple[int, int]] = None
-
-    def __call__(self, module: nn.Module, args, output) -> None:
-        if isinstance(output, torch.Tensor) and output.dim() == 4:
-            self.last_grid = (output.shape[-2], output.shape[-1])
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.last_grid or self.static_grid
-
-    def mask(self, plan: LayerPlan, batch: int, num_tokens: int) -> LocalMask:
-        grid = self.grid
-        if self.prefix_tokens + grid[0] * grid[1] != num_tokens:
-            raise ValueError(
-                f"attnmask: a sequence of {num_tokens} tokens does not fit the patch grid "
-                f"({self.prefix_tokens} prefix tokens + a {grid[0]}x{grid[1]} grid); feed images "
-                "through the model's patch embedding so the grid of each input is known"
-            )
-        return LocalMask(grid, plan.window, self.prefix_tokens, plan.num_heads, plan.heads, plan.prefix)
-
-
-class ShuffledPatchLayout(PatchLayout):
-    """ViTMAE's encoder: a class token, then each sample's kept patches in shuffled order.
-
-    Also a forward hook on the embeddings module, whose output ``(embeddings, mask,
-    ids_restore)`` says where every kept token came from: ``argsort(ids_restore)`` is the
-    shuffle, and its first ``N - 1`` entries are the kept patches, in sequence order.
-    """
-
-    def __init__(self, prefix_tokens: int, static_grid: tuple[int, int]) -> None:
-        super().__init__(prefix_tokens, static_grid)
-        self.shuffle: Optional[torch.Tensor] = None
-
-    def record_shuffle(self, module: nn.Module, args, output) -> None:
-        if isinstance(output, (tuple, list)) and len(output) >= 3 and isinstance(output[-1], torch.Tensor):
-            self.shuffle = torch.argsort(output[-1], dim=1)
-
-    def mask(self, plan: LayerPlan, batch: int, num_tokens: int) -> LocalMask:
-        grid = self.grid
-        shuffle = self.shuffle
-        kept = num_tokens - self.prefix_tokens
-        if shuffle is None or shuffle.shape[0] != batch or not 0 <= kept <= shuffle.shape[1]:
-            raise ValueError(
-                f"attnmask: cannot place the {num_tokens} tokens of this ViTMAE encoder layer on the "
-                f"{grid[0]}x{grid[1]} grid: run the model (or its embeddings) on the images first"
-            )
-        prefix = torch.arange(self.prefix_tokens, device=shuffle.device).expand(batch, -1)
-        positions = torch.cat([prefix, shuffle[:, :kept] + self.prefix_tokens], dim=1)
-        return LocalMask(grid, plan.window, self.prefix_tokens, plan.num_heads, plan.heads, plan.prefix, positions)
-
-
-class WindowLayout:
-    """Swin: each attention call sees the tokens of one square window, row-major, no prefix."""
-
-    def __init__(self, window_size: int) -> None:
-        self.window_size = window_size
-        self.last_grid: Optional[tuple[int, int]] = None
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.last_grid or (self.window_size, self.window_size)
-
-    def mask(self, plan: LayerPlan, batch: int, num_tokens: int) -> LocalMask:
-        side = math.isqrt(num_tokens)
-        if side * side != num_tokens:
-            raise ValueError(f"attnmask: a Swin window of {num_tokens} tokens is not square")
-        self.last_grid = (side, side)
-        return LocalMask((side, side), plan.window, 0, plan.num_heads, plan.heads, plan.prefix)
 
 
 @dataclass(frozen=True)
@@ -288,8 +201,8 @@ class HFAdapter:
         if family.layout == "windows":
             return None  # one per layer: each Swin stage has its own window size
         conv_name, conv = self._patch_embedding(model)
-        image = _pair(getattr(config, "image_size", 224))
-        patch = _pair(getattr(config, "patch_size", conv.stride))
+        image = pair(getattr(config, "image_size", 224))
+        patch = pair(getattr(config, "patch_size", conv.stride))
         static = (image[0] // patch[0], image[1] // patch[1])
         if family.layout == "shuffled":
             layout = ShuffledPatchLayout(family.prefix_tokens(config), static)
@@ -316,7 +229,7 @@ class HFAdapter:
     def _window_size(module: nn.Module) -> int:
         bias = getattr(module, "relative_position_bias", None)
         size = getattr(bias, "window_size", None) or getattr(module, "window_size", None)
-        return _pair(size)[0] if size is not None else 0
+        return pair(size)[0] if size is not None else 0
 
     @staticmethod
     def _select(model: nn.Module, site_configs: list) -> None:
@@ -354,7 +267,7 @@ class HFAdapter:
         except TypeError:
             return None
         config = self._attention_modules(model)[0][1].config
-        image, patch = _pair(getattr(config, "image_size", 224)), _pair(getattr(config, "patch_size", conv.stride))
+        image, patch = pair(getattr(config, "image_size", 224)), pair(getattr(config, "patch_size", conv.stride))
         return image[0] // patch[0], image[1] // patch[1]
 
     def notes(self, model: nn.Module) -> list[str]:
