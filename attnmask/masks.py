@@ -220,6 +220,22 @@ class LocalMask:
         positions = self.positions.to(device)
         return full[positions[:, :, None], positions[:, None, :]].unsqueeze(1)
 
+    def forbidden(self, device=None) -> torch.Tensor:
+        """``(num_heads, N, N)`` boolean: True where a masked head may not attend (global
+        heads: all False). Cached per (geometry, heads, device), like :meth:`window_mask`;
+        for host code that puts ``-inf`` on its own logits (:func:`mask_logits`)."""
+        device = torch.device(device or "cpu")
+        if self.positions is not None:
+            raise ValueError("LocalMask.forbidden does not support per-sample positions; use window_mask()")
+
+        def build() -> torch.Tensor:
+            return ~evaluate(self.mask_mod(device), self.num_heads, self.num_tokens, device).contiguous()
+
+        if torch.compiler.is_compiling():
+            return build()
+        key = ("forbidden", self.grid, self.window, self.prefix_tokens, self.prefix, self.num_heads, self.heads, device)
+        return _cached(key, build)
+
     def dense(self, device=None) -> torch.Tensor:
         """Dense mask of all heads (for tests and plots): ``(num_heads, N, N)``, or
         ``(batch, num_heads, N, N)`` with :attr:`positions`."""
@@ -243,12 +259,7 @@ def mask_logits(logits: torch.Tensor, mask: LocalMask) -> torch.Tensor:
     """
     if mask.is_identity:
         return logits
-    allowed = mask.window_mask(logits.device)  # (N, N), cached per geometry and device
-    if len(mask.heads) < mask.num_heads:
-        local = torch.zeros(mask.num_heads, 1, 1, dtype=torch.bool, device=logits.device)
-        local[list(mask.heads)] = True
-        allowed = allowed | ~local  # (H, N, N): global heads allow everything
-    return logits.masked_fill(~allowed, float("-inf"))
+    return logits.masked_fill(mask.forbidden(logits.device), float("-inf"))
 
 
 def combine_masks(attn_mask: Optional[torch.Tensor], local: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

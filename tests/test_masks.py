@@ -79,3 +79,16 @@ def test_positions_read_the_full_layout_mask_per_sample(geometry):
         assert torch.equal(dense[b], full[:, idx][:, :, idx])
         if heads:
             assert torch.equal(mask.window_mask()[b, 0], full[heads[0]][idx][:, idx])
+
+
+@given(geometries())
+def test_forbidden_is_the_negated_per_head_mask_and_cached(geometry):
+    grid, window, prefix_tokens, num_heads, heads, prefix = geometry
+    mask = LocalMask(grid, window, prefix_tokens, num_heads, heads, prefix)
+    expected = ~brute_force_mask(grid, window, prefix_tokens, num_heads, heads, prefix)
+    assert torch.equal(mask.forbidden(), expected)
+    assert mask.forbidden() is mask.forbidden()  # built once per geometry, heads and device
+    logits = torch.randn(2, num_heads, mask.num_tokens, mask.num_tokens)
+    out = masks.mask_logits(logits, mask)
+    assert torch.equal(out.isneginf(), expected.expand_as(out) if not mask.is_identity else torch.zeros_like(out, dtype=torch.bool))
+    assert torch.equal(out[~out.isneginf()], logits[~out.isneginf()])
