@@ -112,6 +112,21 @@ def at_positions(mask_mod: MaskMod, positions: torch.Tensor) -> MaskMod:
     return mask_at_positions
 
 
+def kept_positions(kept: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
+    """:attr:`LocalMask.positions` of a sequence of prefix tokens then each sample's kept patches.
+
+    Args:
+        kept: ``(batch, kept)`` indices into the row-major patch grid, in sequence order
+            (ViTMAE's shuffle, timm's patch dropout).
+        prefix_tokens: Number of prefix tokens before the patches.
+
+    Returns:
+        ``(batch, prefix_tokens + kept)`` indices into the full layout.
+    """
+    prefix = torch.arange(prefix_tokens, device=kept.device).expand(kept.shape[0], -1)
+    return torch.cat([prefix, kept + prefix_tokens], dim=1)
+
+
 def evaluate(
     mask_mod: MaskMod, num_heads: int, num_tokens: int, device=None, batch: Optional[int] = None
 ) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..masks import LocalMask
+from ..masks import LocalMask, kept_positions
 from ..spec import LayerPlan
 
 
@@ -85,8 +85,7 @@ class ShuffledPatchLayout(PatchLayout):
                 f"attnmask: cannot place the {num_tokens} tokens of this ViTMAE encoder layer on the "
                 f"{grid[0]}x{grid[1]} grid: run the model (or its embeddings) on the images first"
             )
-        prefix = torch.arange(self.prefix_tokens, device=shuffle.device).expand(batch, -1)
-        positions = torch.cat([prefix, shuffle[:, :kept] + self.prefix_tokens], dim=1)
+        positions = kept_positions(shuffle[:, :kept], self.prefix_tokens)
         return LocalMask(grid, plan.window, self.prefix_tokens, plan.num_heads, plan.heads, plan.prefix, positions)
 
 

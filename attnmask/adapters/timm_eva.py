@@ -20,7 +20,7 @@ from timm.models.eva import EvaAttention
 from torch import nn
 
 from ..kernels import get_kernel
-from ..masks import LocalMask, combine_masks
+from ..masks import LocalMask, combine_masks, kept_positions
 from ..spec import LayerPlan
 from . import Site
 from .timm_vit import TimmPatchAdapter, TokenLayout, timm_qkv
@@ -52,8 +52,7 @@ def local_mask(plan: LayerPlan, tokens: TokenLayout, kept: Optional[KeptPatches]
     positions = None
     if keep is not None and keep.shape[-1] == num_tokens - prefix_tokens:
         grid = tokens.last_grid or tokens.static_grid
-        prefix = torch.arange(prefix_tokens, device=keep.device).expand(keep.shape[0], -1)
-        positions = torch.cat([prefix, keep + prefix_tokens], dim=1)
+        positions = kept_positions(keep, prefix_tokens)
     else:
         grid = tokens.grid(num_tokens)
     return LocalMask(
