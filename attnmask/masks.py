@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(batch, head, q_idx, kv_idx) -> bool tensor``; ``True`` where attention is allowed."""
+
+ALIGN = 16
+"""Row stride (in elements) of cached additive masks: what fused SDPA kernels require."""
 
 PREFIX_POLICIES = ("global", "isolated")
 """How masked heads treat prefix tokens.
@@ -229,11 +232,36 @@ class LocalMask:
         if torch.compiler.is_compiling():
             full = build()
         else:
-            full = _cached((self.grid, self.window, self.prefix_tokens, self.prefix, device), build)
+            full = cached((self.grid, self.window, self.prefix_tokens, self.prefix, device), build)
         if self.positions is None:
             return full
         positions = self.positions.to(device)
         return full[positions[:, :, None], positions[:, None, :]].unsqueeze(1)
+
+    def additive_mask(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """:meth:`window_mask` as an additive ``(N, N)`` mask: 0 where allowed, ``-inf`` elsewhere.
+
+        This is the form fused SDPA kernels consume: a boolean mask is converted to it on
+        every call, and a row stride that is not a multiple of 16 elements is padded with a
+        copy on every call (the memory-efficient CUDA kernel's alignment). Built once per
+        (geometry, dtype, device) in a buffer whose rows are padded to a multiple of 16; the
+        returned tensor is the ``(N, N)`` view of it. Not for per-sample :attr:`positions`.
+        """
+        device = torch.device(device or "cpu")
+        if self.positions is not None:
+            raise ValueError("LocalMask.additive_mask does not support per-sample positions; use window_mask()")
+        n = self.full_tokens
+
+        def build() -> torch.Tensor:
+            allowed = self.window_mask(device)
+            padded = torch.zeros(n, -(-n // ALIGN) * ALIGN, dtype=dtype, device=device)
+            padded[:, :n].masked_fill_(~allowed, float("-inf"))
+            return padded[:, :n]
+
+        if torch.compiler.is_compiling():
+            return torch.zeros(n, n, dtype=dtype, device=device).masked_fill(~self.window_mask(device), float("-inf"))
+        key = ("additive", self.grid, self.window, self.prefix_tokens, self.prefix, dtype, device)
+        return cached(key, build)
 
     def forbidden(self, device=None) -> torch.Tensor:
         """``(num_heads, N, N)`` boolean: True where a masked head may not attend (global
@@ -249,7 +277,7 @@ class LocalMask:
         if torch.compiler.is_compiling():
             return build()
         key = ("forbidden", self.grid, self.window, self.prefix_tokens, self.prefix, self.num_heads, self.heads, device)
-        return _cached(key, build)
+        return cached(key, build)
 
     def dense(self, device=None) -> torch.Tensor:
         """Dense mask of all heads (for tests and plots): ``(num_heads, N, N)``, or
@@ -291,11 +319,12 @@ def combine_masks(attn_mask: Optional[torch.Tensor], local: torch.Tensor, dtype:
 
 
 _CACHE_SIZE = 64
-_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_cache: OrderedDict[tuple, Any] = OrderedDict()
 
 
-def _cached(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Bounded LRU lookup: ``build()`` only on a miss."""
+def cached(key: tuple, build: Callable[[], Any]) -> Any:
+    """Bounded LRU lookup shared by every mask form (dense, additive, block masks):
+    ``build()`` only on a miss. Keys start with what they hold."""
     mask = _cache.get(key)
     if mask is None:
         mask = _cache[key] = build()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..masks import LocalMask, combine_masks
 from .common import head_index, heads_of_mask
+
+MaskedPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+"""``(q, k, v, host_mask_of_these_heads) -> out``: attention of the masked heads only."""
 
 
 def sdpa_attention(
@@ -23,10 +26,12 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """Attention with the locality mask on the masked heads, through SDPA.
 
-    Global heads go through SDPA exactly as the host would call it (no locality mask), so
-    their outputs are bit-for-bit the unpatched ones. Masked heads go through SDPA with the
-    cached ``(N, N)`` boolean window mask (combined with the host's ``attn_mask``). When the
-    mask restricts nothing (no masked heads, or a window covering the grid) this is plain SDPA.
+    Global heads go through SDPA exactly as the host would call it (no locality mask, so the
+    flash kernel where the device has one), and their outputs are bit-for-bit the unpatched
+    ones. Masked heads go through SDPA with the cached additive window mask (in ``q``'s
+    dtype, rows padded to an aligned stride, so SDPA neither converts nor copies it per
+    call), combined with the host's ``attn_mask`` when there is one. When the mask restricts
+    nothing (no masked heads, or a window covering the grid) this is plain SDPA.
 
     Args:
         q: Queries ``(batch, heads, tokens, head_dim)``.
@@ -38,19 +43,55 @@ def sdpa_attention(
         scale: Softmax scale; ``None`` is SDPA's default ``head_dim ** -0.5``.
 
     Returns:
-        ``(batch, heads, tokens, head_dim_v)``.
+        ``(batch, heads, tokens, head_dim_v)``, laid out in memory as ``(batch, tokens,
+        heads, head_dim_v)`` when heads are split, so the caller's usual
+        ``transpose(1, 2).reshape(batch, tokens, -1)`` is a view, not a copy.
     """
-    num_heads = q.shape[1]
     if mask.is_identity:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    local = mask.window_mask(q.device)
-    if len(mask.heads) == num_heads:
-        masked = combine_masks(attn_mask, local, q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=masked, dropout_p=dropout_p, scale=scale)
 
+    def masked_heads(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, host: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q_, k_, v_, attn_mask=locality_mask(mask, host, q_), dropout_p=dropout_p, scale=scale
+        )
+
+    return split_heads(q, k, v, mask, attn_mask, masked_heads, dropout_p=dropout_p, scale=scale)
+
+
+def locality_mask(mask: LocalMask, host: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+    """The SDPA ``attn_mask`` of the masked heads: the cached additive window mask, or the
+    host's mask with the window added to it (``positions``: the per-sample boolean mask)."""
+    if mask.positions is not None:
+        return combine_masks(host, mask.window_mask(q.device), q.dtype)
+    if host is None and q.dtype.is_floating_point:
+        return mask.additive_mask(q.device, q.dtype)
+    return combine_masks(host, mask.window_mask(q.device), q.dtype)
+
+
+def split_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: LocalMask,
+    attn_mask: Optional[torch.Tensor],
+    masked_path: MaskedPath,
+    *,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Run the masked heads through ``masked_path`` and the global heads through plain SDPA.
+
+    With every head masked, ``masked_path`` gets the whole tensors (no copy). Otherwise both
+    results are written into one ``(batch, tokens, heads, head_dim_v)`` buffer, returned as its
+    ``(batch, heads, tokens, head_dim_v)`` view.
+    """
+    num_heads = q.shape[1]
+    if len(mask.heads) == num_heads:
+        return masked_path(q, k, v, attn_mask)
     local_heads = head_index(mask.heads)
     global_heads = head_index(mask.global_heads)
-    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    batch, _, tokens, _ = q.shape
+    out = q.new_empty(batch, tokens, num_heads, v.shape[-1]).transpose(1, 2)
     out[:, global_heads] = F.scaled_dot_product_attention(
         q[:, global_heads],
         k[:, global_heads],
@@ -59,12 +100,7 @@ def sdpa_attention(
         dropout_p=dropout_p,
         scale=scale,
     )
-    out[:, local_heads] = F.scaled_dot_product_attention(
-        q[:, local_heads],
-        k[:, local_heads],
-        v[:, local_heads],
-        attn_mask=combine_masks(heads_of_mask(attn_mask, local_heads, num_heads), local, q.dtype),
-        dropout_p=dropout_p,
-        scale=scale,
+    out[:, local_heads] = masked_path(
+        q[:, local_heads], k[:, local_heads], v[:, local_heads], heads_of_mask(attn_mask, local_heads, num_heads)
     )
     return out
