@@ -12,7 +12,7 @@ from typing import Any, Optional, TypeVar
 from torch import nn
 
 from .adapters import adapter_named, find_adapter
-from .kernels import resolve_backend
+from .kernels import choose_backend, resolve_backend
 from .report import LayerRow, MaskReport
 from .spec import Heads, LayerPlan, MaskSpec, check_prefix, normalize_window, resolve_heads
 
@@ -60,7 +60,9 @@ def apply(
             ``(kh, kw)`` (rows, columns).
         prefix: ``"global"`` (prefix tokens attend to everything and are visible to every
             query) or ``"isolated"`` (patch queries of masked heads do not see prefix tokens).
-        backend: ``"auto"`` (chosen per device and shape), ``"sdpa"`` or ``"reference"``
+        backend: ``"auto"`` (chosen per call from device, dtype, token count, masked-head
+            fraction and training, see :data:`attnmask.kernels.AUTO_TABLE`), ``"sdpa"``,
+            ``"flex"`` (FlexAttention block masks; inference only on CPU) or ``"reference"``
             (float64, for tests).
 
     Returns:
@@ -163,5 +165,18 @@ def describe(model: nn.Module) -> MaskReport:
         rows = [LayerRow(s.layer, s.name, s.num_heads, ()) for s in sites]
         return MaskReport(adapter.name, rows, None, adapter.grid(model), "global", None, None, notes=notes)
     rows = [LayerRow(i, name, n, chosen) for i, (name, n, chosen) in enumerate(zip(spec.layers, spec.num_heads, spec.heads))]
-    resolved = getattr(adapter, "backend_label", None) or resolve_backend(spec.backend)
-    return MaskReport(adapter.name, rows, spec.window, adapter.grid(model), spec.prefix, spec.backend, resolved, spec, notes)
+    grid = adapter.grid(model)
+    resolved = getattr(adapter, "backend_label", None) or _resolved_label(model, spec, grid)
+    return MaskReport(adapter.name, rows, spec.window, grid, spec.prefix, spec.backend, resolved, spec, notes)
+
+
+def _resolved_label(model: nn.Module, spec: MaskSpec, grid: Optional[tuple[int, int]]) -> str:
+    """The kernel name; for ``"auto"``, what it picks for this model's device, dtype and grid
+    at inference (the choice itself is made per call)."""
+    if spec.backend != "auto":
+        return resolve_backend(spec.backend)
+    parameter = next(model.parameters(), None)
+    if parameter is None or grid is None or not spec.masked_layers:
+        return "sdpa"
+    fraction = max(len(spec.heads[i]) / spec.num_heads[i] for i in spec.masked_layers)
+    return choose_backend(parameter.device.type, parameter.dtype, grid[0] * grid[1], fraction, False)

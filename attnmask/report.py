@@ -29,7 +29,8 @@ class MaskReport:
         grid: Patch grid of the latest forward (or of the configured image size).
         prefix: Prefix policy.
         backend: Backend asked for (``None`` if not patched).
-        resolved_backend: Kernel that runs the masked heads.
+        resolved_backend: Kernel that runs the masked heads; for ``"auto"``, the one it
+            picks for this model's device, dtype and grid at inference.
         spec: The model's :class:`MaskSpec`, if patched.
         notes: What the adapter says about this model (layers left alone, caveats).
     """
@@ -72,7 +73,8 @@ class MaskReport:
         if self.window:
             header = (
                 f"attnmask: {self.family}, window {self.window[0]}x{self.window[1]}, grid {grid}, "
-                f"prefix {self.prefix}, backend {self.backend} -> {self.resolved_backend}; "
+                f"prefix {self.prefix}, backend {self.backend} -> {self.resolved_backend}"
+                f"{' (chosen per call; here at inference)' if self.backend == 'auto' else ''}; "
                 f"{masked}/{total} heads masked"
             )
         else:

@@ -147,7 +147,7 @@ class LayerPlan:
         heads: Sorted indices of its masked heads.
         window: ``(kh, kw)``.
         prefix: Prefix policy.
-        backend: Name of the kernel that runs it (already resolved, never ``"auto"``).
+        backend: Name of the kernel that runs it (``"auto"`` chooses per call).
     """
 
     layer: int
@@ -169,7 +169,7 @@ class MaskSpec:
         heads: Masked head indices of each layer.
         window: ``(kh, kw)`` neighbourhood of masked heads.
         prefix: Prefix policy (``"global"`` or ``"isolated"``).
-        backend: Backend asked for (``"auto"``, ``"sdpa"`` or ``"reference"``).
+        backend: Backend asked for (``"auto"``, ``"sdpa"``, ``"flex"`` or ``"reference"``).
         version: Format version of this description.
     """
 

@@ -194,3 +194,15 @@ def test_compile_same_outputs(case):
     with torch.no_grad():
         torch.testing.assert_close(compiled(images), expected, rtol=1e-5, atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+
+
+@pytest.mark.parametrize("case", params(lambda c: c.kernel_backed))
+def test_flex_backend_matches_reference_in_float64(case):
+    """``backend="flex"`` inside every kernel-backed family (host masks, per-sample positions,
+    prefix tokens) against the float64 reference; float64 runs FlexAttention's eager path."""
+    model = case.build(0).double()
+    images = case.images(2, 1).double()
+    attnmask.apply(model, heads=some_heads, window=case.window, backend="flex")
+    flex = run(case, model, images)
+    attnmask.apply(model, heads=some_heads, window=case.window, backend="reference")
+    torch.testing.assert_close(flex, run(case, model, images), rtol=1e-7, atol=1e-9)

@@ -52,8 +52,9 @@ def test_host_mask_is_added_not_replaced(host, geometry, seed):
     logits = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale + additive
     logits = logits.masked_fill(~allowed, float("-inf"))
     expected = logits.softmax(-1) @ v
-    for kernel in (sdpa_attention, reference_attention):
-        torch.testing.assert_close(kernel(q, k, v, mask, attn_mask=attn_mask), expected, rtol=1e-10, atol=1e-10)
+    for name, kernel in KERNELS.items():
+        out = kernel(q, k, v, mask, attn_mask=attn_mask)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("heads", [(0,), (1, 2), (0, 3), (0, 1, 2, 3), ()])
@@ -113,7 +114,7 @@ def test_sdpa_dropout_runs_in_training():
 
 
 def test_backend_names():
-    assert resolve_backend("auto") == "sdpa"
-    assert resolve_backend("reference") == "reference"
-    with pytest.raises(ValueError, match="backend='flash'.*'auto', 'sdpa', 'reference'"):
+    assert resolve_backend("auto") == "auto"  # decided per call
+    assert resolve_backend("flex") == "flex"
+    with pytest.raises(ValueError, match="backend='flash'.*'auto', 'sdpa', 'flex', 'reference'"):
         resolve_backend("flash")

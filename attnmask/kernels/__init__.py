@@ -16,6 +16,8 @@ from typing import Callable, Optional, Protocol
 import torch
 
 from ..masks import LocalMask
+from .auto import AUTO_TABLE, auto_choice, choose_backend
+from .flex import flex_attention
 from .reference import reference_attention
 from .sdpa import sdpa_attention
 
@@ -36,25 +38,42 @@ class Kernel(Protocol):
     ) -> torch.Tensor: ...
 
 
+def auto_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: LocalMask,
+    *,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Run the backend :func:`~attnmask.kernels.auto.auto_choice` picks for this call."""
+    kernel = KERNELS[auto_choice(q, mask, dropout_p)]
+    return kernel(q, k, v, mask, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "auto": auto_attention,
     "sdpa": sdpa_attention,
+    "flex": flex_attention,
     "reference": reference_attention,
 }
 """Registered backends by name."""
 
-BACKENDS = ("auto", *KERNELS)
+BACKENDS = tuple(KERNELS)
 """Names ``apply(backend=...)`` accepts."""
 
 
 def resolve_backend(backend: str) -> str:
-    """Turn a requested backend into the name of a registered kernel.
+    """Check a requested backend name and return it.
 
-    ``"auto"`` picks ``"sdpa"`` for now: this is the seam where faster kernels (FlexAttention,
-    a fused local-attention kernel) will be chosen per device and shape.
+    ``"auto"`` stays ``"auto"``: it is decided per call, from the device, dtype, token count,
+    masked-head fraction and training state (:data:`~attnmask.kernels.auto.AUTO_TABLE`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not accepted: expected one of {', '.join(map(repr, BACKENDS))}")
-    return "sdpa" if backend == "auto" else backend
+    return backend
 
 
 def get_kernel(name: str) -> Callable[..., torch.Tensor]:
@@ -62,4 +81,17 @@ def get_kernel(name: str) -> Callable[..., torch.Tensor]:
     return KERNELS[name]
 
 
-__all__ = ["BACKENDS", "KERNELS", "Kernel", "get_kernel", "reference_attention", "resolve_backend", "sdpa_attention"]
+__all__ = [
+    "AUTO_TABLE",
+    "BACKENDS",
+    "KERNELS",
+    "Kernel",
+    "auto_attention",
+    "auto_choice",
+    "choose_backend",
+    "flex_attention",
+    "get_kernel",
+    "reference_attention",
+    "resolve_backend",
+    "sdpa_attention",
+]

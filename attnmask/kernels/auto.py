@@ -1,0 +1,99 @@
+"""``backend="auto"``: the backend the benchmarks found fastest, chosen per call.
+
+Each call looks at what decides speed: device, dtype, token count, the fraction of heads
+masked, and whether it is training (gradients flowing, or dropout on). The first matching
+row of :data:`AUTO_TABLE` names the backend. The rows and the measurements they rest on are
+below; ``benchmarks/run.py`` re-measures them (``docs/performance.md`` shows the results).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..masks import LocalMask
+
+
+@dataclass(frozen=True)
+class AutoRule:
+    """One row of the choice table: conditions (``None`` = any) and the backend to use.
+
+    Attributes:
+        backend: Name of the kernel to run.
+        device: ``"cpu"``, ``"cuda"``, or ``None``.
+        dtypes: Dtypes the row applies to, or ``None``.
+        min_tokens: Smallest token count the row applies to.
+        min_fraction: Smallest fraction of masked heads the row applies to.
+        training: ``True``/``False`` for training/inference only, ``None`` for both.
+        evidence: The measurement the row rests on.
+    """
+
+    backend: str
+    device: Optional[str] = None
+    dtypes: Optional[tuple[torch.dtype, ...]] = None
+    min_tokens: int = 0
+    min_fraction: float = 0.0
+    training: Optional[bool] = None
+    evidence: str = ""
+
+    def matches(self, device: str, dtype: torch.dtype, tokens: int, fraction: float, training: bool) -> bool:
+        return (
+            (self.device is None or self.device == device)
+            and (self.dtypes is None or dtype in self.dtypes)
+            and tokens >= self.min_tokens
+            and fraction >= self.min_fraction
+            and (self.training is None or self.training == training)
+        )
+
+
+AUTO_TABLE: tuple[AutoRule, ...] = (
+    AutoRule(
+        "sdpa",
+        device="cpu",
+        evidence=(
+            "CPU (2-core x86, torch 2.14.1, fp32, 12 heads x 64, 7x7 window, inference): compiled "
+            "FlexAttention was slower than SDPA with the cached additive mask at every size measured "
+            "(benchmarks/results/cpu.json); FlexAttention has no backward on CPU."
+        ),
+    ),
+    AutoRule(
+        "flex",
+        device="cuda",
+        dtypes=(torch.bfloat16, torch.float16),
+        min_tokens=1025,
+        training=False,
+        evidence=(
+            "H100, bf16, 12 heads x 64, 7x7 window, forward, as reported in issue 4 (not yet "
+            "re-measured by benchmarks/run.py): 1025 tokens FlexAttention 0.81 ms vs SDPA + boolean "
+            "mask 1.24 ms; 4097 tokens 0.72 ms vs 2.22 ms; at 197 tokens SDPA wins (0.59 vs 0.73 ms)."
+        ),
+    ),
+    AutoRule(
+        "sdpa",
+        evidence="Everything else: SDPA with the additive mask; global heads on the dense (flash) path.",
+    ),
+)
+"""The choice table, first match wins. Training on CUDA stays on SDPA until the backward
+pass of FlexAttention has been measured against it."""
+
+
+def choose_backend(device: str, dtype: torch.dtype, tokens: int, fraction: float, training: bool) -> str:
+    """The backend :data:`AUTO_TABLE` picks for one call (first matching row)."""
+    for rule in AUTO_TABLE:
+        if rule.matches(device, dtype, tokens, fraction, training):
+            return rule.backend
+    return "sdpa"
+
+
+def auto_choice(q: torch.Tensor, mask: LocalMask, dropout_p: float = 0.0) -> str:
+    """The backend ``"auto"`` runs for these tensors and this mask.
+
+    Per-sample ``positions`` (a block mask per forward) and attention dropout go to SDPA.
+    """
+    if mask.is_identity or mask.positions is not None or dropout_p:
+        return "sdpa"
+    training = torch.is_grad_enabled() and q.requires_grad
+    fraction = len(mask.heads) / mask.num_heads
+    return choose_backend(q.device.type, q.dtype, q.shape[-2], fraction, training)

@@ -1,0 +1,230 @@
+"""Masked attention on FlexAttention: block-sparse, so a local head skips the key blocks
+its queries cannot see.
+
+The block mask comes from the same ``mask_mod`` as every other backend
+(:meth:`~attnmask.masks.LocalMask.window_mod`), built once per geometry and cached. Only the
+masked heads go through FlexAttention; global heads take SDPA's dense (flash) path, as in
+:func:`~attnmask.kernels.sdpa.sdpa_attention`. One compiled ``flex_attention`` serves every
+layer: layers of one model share shapes, so it compiles once per input shape.
+
+Two knobs change how much work the block mask can skip (:data:`FLEX_VARIANTS`):
+
+- ``block_size``: the square block of the block mask (128 is FlexAttention's default; 64
+  gives finer sparsity at the price of more, smaller tiles).
+- ``order``: ``"rows"`` keeps the host's token order (prefix tokens, then patches row by
+  row). ``"tiles"`` reorders the patches into 2D tiles of one block each (8 x 16 for 128, 8 x
+  8 for 64) with the prefix tokens last, so a query block's window touches few key blocks
+  and the always-visible prefix tokens share one small block; q, k, v are gathered into that
+  order and the output is gathered back.
+
+FlexAttention has no backward on CPU (torch says so when asked); use ``"sdpa"`` to train on
+CPU. Dropout is not supported by FlexAttention.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention as _flex_attention
+
+from ..masks import LocalMask, MaskMod, at_positions, cached
+from .sdpa import split_heads
+
+ORDERS = ("rows", "tiles")
+"""Token orders the flex kernel can run in (see the module docstring)."""
+
+BLOCK_SIZES = (64, 128)
+"""Block sizes the flex kernel accepts."""
+
+FLEX_VARIANTS: dict[str, dict] = {
+    f"flex-b{size}-{order}": {"block_size": size, "order": order} for size in (128, 64) for order in ORDERS
+}
+"""Labelled settings of :func:`flex_attention`, for the benchmarks."""
+
+CPU_COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Dtypes of the compiled FlexAttention kernel on CPU (torch's CPU lowering has no float64)."""
+
+DEFAULT_BLOCK_SIZE = 128
+DEFAULT_ORDER = "rows"
+
+_TILE = {128: (8, 16), 64: (8, 8)}
+
+
+def flex_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: LocalMask,
+    *,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    order: str = DEFAULT_ORDER,
+    compiled: Optional[bool] = None,
+) -> torch.Tensor:
+    """Attention with the locality mask on the masked heads, through FlexAttention.
+
+    Args:
+        q: Queries ``(batch, heads, tokens, head_dim)``.
+        k: Keys, same shape as ``q``.
+        v: Values ``(batch, heads, tokens, head_dim_v)``.
+        mask: The layer's :class:`~attnmask.masks.LocalMask` for this input size. With
+            per-sample ``positions`` the block mask is built per call (it changes every
+            forward) and ``order`` is ignored.
+        attn_mask: The host model's own mask (boolean, or additive such as a relative
+            position bias), added to the masked heads' scores through a ``score_mod``.
+        dropout_p: Must be 0 (FlexAttention has no dropout).
+        scale: Softmax scale; ``None`` means ``head_dim ** -0.5``.
+        block_size: 128 or 64, see the module docstring.
+        order: ``"rows"`` or ``"tiles"``, see the module docstring.
+        compiled: Run the ``torch.compile``-d FlexAttention (the fused kernel). ``None``:
+            yes, unless already inside a compiled region (which compiles it itself) or on
+            CPU in a dtype the CPU kernel lacks (float64). ``False`` runs FlexAttention's
+            unfused eager implementation (exact but slow; for tests and float64).
+
+    Raises:
+        ValueError: For ``dropout_p > 0``, an unknown ``block_size`` or ``order``, or
+            gradients on CPU.
+    """
+    if dropout_p:
+        raise ValueError(
+            f"dropout_p={dropout_p!r} is not accepted by backend='flex': FlexAttention has no dropout "
+            "(use backend='sdpa' or 'auto' while attention dropout is on)"
+        )
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size={block_size!r} is not accepted: expected one of {BLOCK_SIZES}")
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} is not accepted: expected one of {ORDERS}")
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError(
+            "backend='flex' cannot train on CPU: FlexAttention has no backward on CPU "
+            "(use backend='sdpa' or 'auto', or run under torch.no_grad() / inference_mode())"
+        )
+    if mask.is_identity:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    if compiled is None:
+        compiled = not torch.compiler.is_compiling() and (q.device.type != "cpu" or q.dtype in CPU_COMPILED_DTYPES)
+    run = _compiled_flex() if compiled else _flex_attention
+    if mask.positions is not None:
+        order = "rows"
+
+    def masked_heads(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, host: Optional[torch.Tensor]) -> torch.Tensor:
+        perm = token_order(mask, order, block_size, q_.device)
+        if perm is not None:
+            q_, k_, v_ = (t.index_select(2, perm) for t in (q_, k_, v_))
+        blocks = block_mask(mask, block_size, order, q_.device)
+        score_mod = None if host is None else host_score_mod(host, q_.dtype, perm)
+        if run is _flex_attention and not torch.compiler.is_compiling():
+            with warnings.catch_warnings():  # chosen on purpose (float64 / compiled=False)
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                out = run(q_, k_, v_, score_mod=score_mod, block_mask=blocks, scale=scale)
+        else:
+            out = run(q_, k_, v_, score_mod=score_mod, block_mask=blocks, scale=scale)
+        if perm is not None:
+            out = out.index_select(2, inverse(perm))
+        return out
+
+    return split_heads(q, k, v, mask, attn_mask, masked_heads, scale=scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    """The one compiled FlexAttention every layer shares (compiled lazily, on first use).
+
+    Layers of a model share shapes, so they share its compiled code; with torch's automatic
+    dynamic shapes a second batch size or grid compiles once more, with symbolic sizes, and
+    later sizes reuse that.
+    """
+    return torch.compile(_flex_attention)
+
+
+def tile_order(grid: tuple[int, int], prefix_tokens: int, tile: tuple[int, int]) -> torch.Tensor:
+    """Token permutation for ``order="tiles"``: ``perm[new] = old``.
+
+    Patches are sorted by (tile row, tile column, row in tile, column in tile), then the
+    prefix tokens follow. Tiles at the right and bottom edges may be partial.
+    """
+    height, width = grid
+    rows = torch.arange(height)[:, None].expand(height, width)
+    cols = torch.arange(width)[None, :].expand(height, width)
+    tiles_across = -(-width // tile[1])
+    key = ((rows // tile[0]) * tiles_across + cols // tile[1]) * (tile[0] * tile[1]) + (rows % tile[0]) * tile[1] + cols % tile[1]
+    patches = torch.argsort(key.reshape(-1), stable=True) + prefix_tokens
+    return torch.cat([patches, torch.arange(prefix_tokens)])
+
+
+def inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation: ``inverse(perm)[perm[i]] = i``."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+def token_order(mask: LocalMask, order: str, block_size: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The permutation the masked heads run in, or ``None`` for the host's own order."""
+    if order == "rows" or mask.positions is not None:
+        return None
+
+    def build() -> torch.Tensor:
+        return tile_order(mask.grid, mask.prefix_tokens, _TILE[block_size]).to(device)
+
+    if torch.compiler.is_compiling():
+        return build()
+    return cached(("flex-order", mask.grid, mask.prefix_tokens, block_size, device), build)
+
+
+def block_mask(mask: LocalMask, block_size: int, order: str, device: torch.device) -> BlockMask:
+    """The FlexAttention block mask of a masked head (shared by all masked heads and samples).
+
+    Cached per (geometry, block size, order, device); built per call for per-sample
+    ``positions`` and inside compiled regions.
+    """
+    num_tokens = mask.num_tokens
+    mask_mod: MaskMod = mask.window_mod()
+    if mask.positions is not None:
+        mask_mod = at_positions(mask_mod, mask.positions.to(device))
+        return create_block_mask(mask_mod, int(mask.positions.shape[0]), None, num_tokens, num_tokens, device, block_size)
+    perm = token_order(mask, order, block_size, device)
+    if perm is not None:
+        mask_mod = _permuted(mask_mod, perm)
+
+    def build() -> BlockMask:
+        return create_block_mask(mask_mod, None, None, num_tokens, num_tokens, device, block_size)
+
+    if torch.compiler.is_compiling():
+        return build()
+    key = ("flex-blocks", mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block_size, order, device)
+    return cached(key, build)
+
+
+def _permuted(mask_mod: MaskMod, perm: torch.Tensor) -> MaskMod:
+    """``mask_mod`` for tokens stored in the order ``perm`` (``perm[new] = old``)."""
+
+    def permuted_mask(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, perm[q_idx], perm[kv_idx])
+
+    return permuted_mask
+
+
+def host_score_mod(host: torch.Tensor, dtype: torch.dtype, perm: Optional[torch.Tensor]) -> Callable:
+    """A ``score_mod`` adding the host model's mask (``-inf`` where a boolean mask forbids).
+
+    ``host`` broadcasts to ``(batch, heads, tokens, tokens)``; dimensions of size 1 are read
+    at index 0. With a token permutation, scores are read at the host's own indices.
+    """
+    bias = host if host.dtype != torch.bool else torch.zeros(host.shape, dtype=dtype, device=host.device).masked_fill(~host, float("-inf"))
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    bias = bias.to(dtype)
+    per_batch, per_head = bias.shape[0] > 1, bias.shape[1] > 1
+
+    def host_bias(score, b, h, q_idx, kv_idx):
+        if perm is not None:
+            q_idx, kv_idx = perm[q_idx], perm[kv_idx]
+        return score + bias[b if per_batch else 0, h if per_head else 0, q_idx, kv_idx]
+
+    return host_bias

@@ -1,0 +1,209 @@
+"""The FlexAttention backend, the ``auto`` choice and the SDPA fast-path details."""
+
+import functools
+
+import pytest
+import torch
+from helpers import brute_force_mask, naive_attention
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import geometries
+
+from attnmask.kernels import AUTO_TABLE, KERNELS, auto_choice, choose_backend, flex_attention, sdpa_attention
+from attnmask.kernels.flex import FLEX_VARIANTS, inverse, tile_order
+from attnmask.masks import ALIGN, LocalMask, clear_cache
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+
+
+def qkv(batch, num_heads, num_tokens, dim, dtype=torch.float64, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, num_heads, num_tokens, dim, generator=g, dtype=dtype).to(device) for _ in range(3)]
+
+
+@pytest.mark.parametrize("variant", sorted(FLEX_VARIANTS))
+@given(geometry=geometries(max_side=9), seed=st.integers(0, 1000))
+def test_every_flex_variant_matches_float64_definition(variant, geometry, seed):
+    """Block size and token order change speed, never the result (eager FlexAttention, float64)."""
+    grid, window, prefix_tokens, num_heads, heads, prefix = geometry
+    mask = LocalMask(grid, window, prefix_tokens, num_heads, heads, prefix)
+    q, k, v = qkv(2, num_heads, mask.num_tokens, 8, seed=seed)
+    expected = naive_attention(q, k, v, brute_force_mask(grid, window, prefix_tokens, num_heads, heads, prefix))
+    out = flex_attention(q, k, v, mask, compiled=False, **FLEX_VARIANTS[variant])
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("order", ["rows", "tiles"])
+def test_flex_host_bias_follows_token_order(order):
+    """A per-head additive host bias (BEiT's relative position bias) lands on the right
+    (query, key) pair even when the kernel runs in tile order."""
+    mask = LocalMask((10, 12), (3, 5), 1, 4, (0, 2))
+    n = mask.num_tokens
+    q, k, v = qkv(2, 4, n, 8, seed=3)
+    bias = torch.randn(1, 4, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    allowed = brute_force_mask((10, 12), (3, 5), 1, 4, (0, 2))
+    logits = (q @ k.transpose(-2, -1)) * 8**-0.5 + bias
+    expected = logits.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    out = flex_attention(q, k, v, mask, attn_mask=bias, compiled=False, block_size=64, order=order)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_flex_per_sample_positions():
+    """ViTMAE-style subsets: a block mask per call, with a batch dimension."""
+    grid, prefix_tokens = (6, 7), 1
+    g = torch.Generator().manual_seed(0)
+    kept = torch.stack([torch.randperm(42, generator=g)[:11] for _ in range(3)])
+    positions = torch.cat([torch.zeros(3, 1, dtype=torch.long), kept + prefix_tokens], dim=1)
+    mask = LocalMask(grid, (3, 3), prefix_tokens, 2, (1,), positions=positions)
+    q, k, v = qkv(3, 2, 12, 8)
+    expected = naive_attention(q, k, v, mask.dense())
+    torch.testing.assert_close(flex_attention(q, k, v, mask, compiled=False, order="tiles"), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_compiled_flex_float32_matches_reference():
+    """The fused (compiled) CPU kernel on a token count that is not a multiple of the block."""
+    mask = LocalMask((14, 14), (7, 7), 1, 4, (0, 1))
+    q, k, v = qkv(2, 4, mask.num_tokens, 16, dtype=torch.float32)
+    with torch.no_grad():
+        out = flex_attention(q, k, v, mask)
+    torch.testing.assert_close(out, KERNELS["reference"](q, k, v, mask), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(FLEX_VARIANTS))
+def test_compiled_flex_variants_float32(variant):
+    mask = LocalMask((24, 24), (7, 7), 1, 2, (0, 1))
+    q, k, v = qkv(1, 2, mask.num_tokens, 16, dtype=torch.float32)
+    with torch.no_grad():
+        out = flex_attention(q, k, v, mask, **FLEX_VARIANTS[variant])
+    torch.testing.assert_close(out, KERNELS["reference"](q, k, v, mask), rtol=2e-5, atol=2e-5)
+
+
+def test_tile_order_is_a_permutation_with_prefix_last():
+    perm = tile_order((10, 19), 2, (8, 16))
+    assert sorted(perm.tolist()) == list(range(2 + 190))
+    assert perm[-2:].tolist() == [0, 1]
+    # The first 128 tokens are the first full 8 x 16 tile: rows 0-7, columns 0-15.
+    first = perm[:128] - 2
+    assert set((first // 19).tolist()) == set(range(8)) and set((first % 19).tolist()) == set(range(16))
+    assert torch.equal(perm[inverse(perm)], torch.arange(192))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dropout_p": 0.1}, "dropout_p=0.1"),
+        ({"block_size": 32}, "block_size=32"),
+        ({"order": "hilbert"}, "order='hilbert'"),
+    ],
+)
+def test_flex_rejects_what_it_cannot_do(kwargs, message):
+    mask = LocalMask((3, 3), (3, 3), 1, 2, (0,))
+    q, k, v = qkv(1, 2, 10, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match=message):
+        flex_attention(q, k, v, mask, **kwargs)
+
+
+def test_flex_names_the_cpu_training_limit():
+    mask = LocalMask((3, 3), (3, 3), 1, 2, (0,))
+    q, k, v = qkv(1, 2, 10, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="no backward on CPU.*'sdpa'"):
+        flex_attention(q.requires_grad_(), k, v, mask)
+
+
+def test_auto_table_rows():
+    bf16 = torch.bfloat16
+    assert choose_backend("cpu", torch.float32, 4097, 1.0, False) == "sdpa"
+    assert choose_backend("cuda", bf16, 197, 0.5, False) == "sdpa"
+    assert choose_backend("cuda", bf16, 1025, 0.5, False) == "flex"
+    assert choose_backend("cuda", bf16, 4097, 1.0, True) == "sdpa"  # training: FlexAttention backward not measured yet
+    assert choose_backend("cuda", torch.float32, 4097, 1.0, False) == "sdpa"
+    assert all(rule.evidence for rule in AUTO_TABLE)
+    assert AUTO_TABLE[-1].matches("xpu", torch.float64, 1, 0.0, True)  # a catch-all last row
+
+
+def test_auto_choice_reads_the_call():
+    mask = LocalMask((32, 32), (7, 7), 1, 4, (0, 1))
+    q = torch.zeros(1, 4, 1025, 8, dtype=torch.bfloat16)
+    assert auto_choice(q, mask) == "sdpa"  # on CPU
+    assert auto_choice(q, mask, dropout_p=0.1) == "sdpa"
+
+
+def test_auto_on_cpu_is_the_sdpa_kernel_bit_for_bit():
+    mask = LocalMask((6, 5), (3, 3), 1, 4, (1, 3))
+    q, k, v = qkv(2, 4, mask.num_tokens, 8, dtype=torch.float32)
+    assert torch.equal(KERNELS["auto"](q, k, v, mask), sdpa_attention(q, k, v, mask))
+
+
+def test_additive_mask_is_cached_aligned_and_equal_to_the_boolean_mask():
+    clear_cache()
+    mask = LocalMask((14, 14), (7, 7), 1, 6, (0, 1, 2))
+    additive = mask.additive_mask("cpu", torch.bfloat16)
+    assert additive.dtype == torch.bfloat16 and additive.shape == (197, 197)
+    assert additive.stride(0) % ALIGN == 0 and additive.stride(0) >= 197
+    assert torch.equal(additive == 0, mask.window_mask("cpu"))
+    assert torch.isneginf(additive[~mask.window_mask("cpu")]).all()
+    assert mask.additive_mask("cpu", torch.bfloat16) is additive
+
+
+def test_split_heads_output_needs_no_copy_to_merge_heads():
+    """The caller's ``transpose(1, 2).reshape(B, N, C)`` is a view of what the kernel returns."""
+    mask = LocalMask((6, 6), (3, 3), 1, 4, (0, 1))
+    q, k, v = qkv(2, 4, 37, 8, dtype=torch.float32)
+    out = sdpa_attention(q, k, v, mask)
+    merged = out.transpose(1, 2).reshape(2, 37, 32)
+    assert merged.data_ptr() == out.data_ptr() and out.transpose(1, 2).is_contiguous()
+
+
+def test_sdpa_fp32_uses_the_additive_mask_equal_to_float64():
+    mask = LocalMask((9, 7), (5, 3), 2, 3, (0, 2), "isolated")
+    q, k, v = qkv(2, 3, mask.num_tokens, 16, dtype=torch.float32)
+    expected = naive_attention(q.double(), k.double(), v.double(), mask.dense())
+    torch.testing.assert_close(sdpa_attention(q, k, v, mask), expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "auto"])
+@pytest.mark.parametrize("tokens_side", [14, 32])
+def test_cuda_backends_bf16_match_reference(backend, tokens_side):
+    mask = LocalMask((tokens_side, tokens_side), (7, 7), 1, 12, tuple(range(6)))
+    q, k, v = qkv(2, 12, mask.num_tokens, 64, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        out = KERNELS[backend](q, k, v, mask)
+    torch.testing.assert_close(out.float(), KERNELS["reference"](q, k, v, mask).float(), rtol=2e-2, atol=2e-2)
+
+
+@cuda
+def test_cuda_flex_backward_matches_sdpa():
+    mask = LocalMask((16, 16), (7, 7), 1, 4, (0, 1, 2, 3))
+    q, k, v = (t.requires_grad_() for t in qkv(2, 4, mask.num_tokens, 64, dtype=torch.float32, device="cuda"))
+    grads = []
+    for kernel in (sdpa_attention, functools.partial(flex_attention, order="tiles")):
+        out = kernel(q, k, v, mask)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@cuda
+def test_cuda_auto_picks_flex_for_large_bf16_inference():
+    mask = LocalMask((32, 32), (7, 7), 1, 12, tuple(range(6)))
+    q = torch.zeros(1, 12, mask.num_tokens, 64, dtype=torch.bfloat16, device="cuda")
+    assert auto_choice(q, mask) == "flex"
+
+
+def test_flex_compiles_once_across_layers_and_batches():
+    """One compiled FlexAttention for every layer; new batch sizes do not recompile each time."""
+    timm = pytest.importorskip("timm")
+    import attnmask
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=4).eval()
+    attnmask.apply(model, heads=0.5, window=3, backend="flex")
+    with torch.no_grad():
+        for batch in (1, 2, 3, 4):
+            out = model(torch.randn(batch, 3, 64, 64))
+            assert out.shape == (batch, 1000)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
