@@ -5,7 +5,7 @@ The block mask comes from the same ``mask_mod`` as every other backend
 (:meth:`~attnmask.masks.LocalMask.window_mod`), built once per geometry and cached. Only the
 masked heads go through FlexAttention; global heads take SDPA's dense (flash) path, as in
 :func:`~attnmask.kernels.sdpa.sdpa_attention`. One compiled ``flex_attention`` serves every
-layer: layers of one model share shapes, so it compiles once per input shape.
+layer: layers of one model share shapes, so it compiles once per input shape, not per layer.
 
 Two knobs change how much work the block mask can skip (:data:`FLEX_VARIANTS`):
 
@@ -135,11 +135,13 @@ def flex_attention(
 def _compiled_flex() -> Callable[..., torch.Tensor]:
     """The one compiled FlexAttention every layer shares (compiled lazily, on first use).
 
-    Layers of a model share shapes, so they share its compiled code; with torch's automatic
-    dynamic shapes a second batch size or grid compiles once more, with symbolic sizes, and
-    later sizes reuse that.
+    Layers of a model share shapes, so they share its compiled code: one compilation per
+    input shape (batch size, grid), never per layer. Static shapes on purpose: a kernel
+    specialised to its sizes is the fast one, and torch 2.14's CPU lowering of FlexAttention
+    with symbolic sizes fails to build. Past torch's recompile limit (8 shapes by default,
+    ``torch._dynamo.config.recompile_limit``) torch falls back to the eager implementation.
     """
-    return torch.compile(_flex_attention)
+    return torch.compile(_flex_attention, dynamic=False)
 
 
 def tile_order(grid: tuple[int, int], prefix_tokens: int, tile: tuple[int, int]) -> torch.Tensor:
