@@ -1,0 +1,154 @@
+"""Model level: a patched timm model against the same model unpatched, in one process.
+
+Each comparison builds the model once (random weights, ``timm.create_model(name,
+pretrained=False, img_size=size)``), deep-copies it once per backend and patches the copies
+with :func:`attnmask.apply`; the unpatched model and every patched copy are then timed in
+interleaved rounds on the same images. Swin models are patched with a 3 x 3 window: their
+attention windows are 7 x 7 tokens, so a 7 x 7 locality window would mask nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gc
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import api
+from .attention import selected, summary
+from .settings import Settings
+from .timing import DTYPES, Timing, one_line, time_interleaved
+
+BASELINE = "unpatched"
+
+
+def window_for(model_name: str, window: int) -> int:
+    """The locality window used for ``model_name``: 3 for Swin (see the module docstring)."""
+    return 3 if "swin" in model_name else window
+
+
+def model_backends(model: nn.Module, patterns) -> list[str]:
+    """``"auto"`` and every explicit kernel the model's adapter accepts (never the float64
+    ``"reference"``), filtered by ``patterns``."""
+    from ..adapters import find_adapter
+    from ..kernels import KERNELS
+
+    names = ["auto", *(name for name in KERNELS if name not in ("auto", "reference"))]
+    accepted = getattr(find_adapter(model), "backends", None)
+    return [name for name in names if (accepted is None or name in accepted) and selected(name, patterns)]
+
+
+def _infer(model: nn.Module, images: torch.Tensor) -> None:
+    with torch.no_grad():
+        model(images)
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(images).float(), labels).backward()
+    optimizer.step()
+
+
+def _row(base: dict[str, Any], name: str, timing: Timing, baseline: Timing, batch: int) -> dict[str, Any]:
+    out = dict(base, backend=name)
+    if baseline.error is not None:
+        return dict(out, error=f"baseline failed: {baseline.error}")
+    if timing.error is not None:
+        return dict(out, error=timing.error)
+    return dict(
+        out,
+        ms=timing.ms,
+        baseline_ms=baseline.ms,
+        ratio=baseline.ms / timing.ms,
+        images_per_s=batch * 1e3 / timing.ms,
+        baseline_images_per_s=batch * 1e3 / baseline.ms,
+        first_call_ms=timing.first_call_ms,
+        repeats=len(timing.samples_ms),
+        samples_ms=[round(ms, 4) for ms in timing.samples_ms],
+    )
+
+
+def compare(settings: Settings, name: str, size: int, mode: str) -> list[dict[str, Any]]:
+    """Rows of one (model, image size, mode) comparison, one per backend."""
+    import timm
+
+    device, dtype = torch.device(settings.device), DTYPES[settings.dtype]
+    batch, window = settings.batch_for_size(size), window_for(name, settings.window)
+    base = {"model": name, "image_size": size, "batch": batch, "mode": mode, "window": [window, window], "heads": settings.model_heads}
+    torch.manual_seed(settings.seed)
+    unpatched = timm.create_model(name, pretrained=False, img_size=size).to(device=device, dtype=dtype)
+    unpatched.train(mode == "train")
+    models: dict[str, nn.Module] = {BASELINE: unpatched}
+    failed: dict[str, str] = {}
+    for backend in model_backends(unpatched, settings.backends):
+        try:
+            models[backend] = api.apply(copy.deepcopy(unpatched), heads=settings.model_heads, window=window, backend=backend)
+        except Exception as error:
+            failed[backend] = one_line(error)
+    if len(models) > 1:
+        report = api.describe(next(model for backend, model in models.items() if backend != BASELINE))
+        base.update(
+            grid=list(report.grid) if report.grid else None,
+            masked_heads=sum(len(layer.heads) for layer in report.layers),
+            total_heads=sum(layer.num_heads for layer in report.layers),
+        )
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype, generator=generator)
+    labels = torch.randint(0, unpatched.num_classes, (batch,), device=device, generator=generator)
+    fns: dict[str, Callable[[], None]] = {}
+    for backend, model in models.items():
+        if mode == "inference":
+            fns[backend] = functools.partial(_infer, model, images)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            fns[backend] = functools.partial(_train_step, model, optimizer, images, labels)
+    timings = time_interleaved(
+        fns, device, warmup=settings.warmup, repeats=settings.repeats, max_seconds=settings.max_seconds
+    )
+    rows = [
+        dict(_row(base, backend, timings[backend], timings[BASELINE], batch), resolved=api.describe(model).resolved_backend)
+        for backend, model in models.items()
+        if backend != BASELINE
+    ]
+    rows += [dict(base, backend=backend, error=reason) for backend, reason in failed.items()]
+    del models, fns, unpatched
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_models(settings: Settings, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every (model, image size, mode) comparison of ``settings``.
+
+    ``ratio`` is ``baseline_ms / ms``: the patched model's throughput relative to the
+    unpatched one (above 1 the patched model is faster). Sizes in
+    ``settings.skip_train_sizes`` get one row per model with ``skipped`` saying why.
+    """
+    rows: list[dict[str, Any]] = []
+    for name in settings.models:
+        for size in settings.sizes:
+            for mode in settings.modes:
+                if mode == "train" and size in settings.skip_train_sizes:
+                    reason = f"training at {size} px skipped on {settings.device} (too slow for the run's time budget)"
+                    rows.append({"model": name, "image_size": size, "mode": mode, "skipped": reason})
+                    echo(f"model {name} {size} px {mode}: skipped")
+                    continue
+                start = time.perf_counter()
+                try:
+                    group = compare(settings, name, size, mode)
+                except Exception as error:  # building the model or its input failed: record, go on
+                    group = [{"model": name, "image_size": size, "mode": mode, "backend": "all", "error": one_line(error)}]
+                    if settings.device == "cuda":
+                        torch.cuda.empty_cache()
+                rows.extend(group)
+                echo(
+                    f"model {name} {size} px {mode} (batch {group[0].get('batch', '?')}) "
+                    f"[{time.perf_counter() - start:.0f} s]: {summary(group)}"
+                )
+    return rows
