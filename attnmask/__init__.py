@@ -3,16 +3,23 @@
 ``attnmask.apply(model, heads=..., window=7)`` makes chosen attention heads local: each
 patch token attends only to its ``k x k`` neighbourhood while prefix tokens stay global.
 ``attnmask.remove(model)`` undoes it. Host libraries (timm, ...) are imported lazily, only
-by the adapter of a model that comes from them.
+by the adapter of a model that comes from them. ``attnmask.save_pretrained`` and
+``attnmask.from_pretrained`` save and load masked models as Hub folders; once attnmask is
+imported, transformers' own ``from_pretrained`` loads such folders masked too (a post-import
+hook, see :mod:`attnmask.hub.hooks`).
 """
 
 from .adapters import supported
 from .api import apply, describe, get_spec, is_patched, remove
+from .hub import from_pretrained, save_pretrained
+from .hub.hooks import register as _register_transformers_hook
 from .masks import LocalMask, local_window
 from .report import MaskReport
 from .spec import MaskSpec
 
 __version__ = "0.1.0"
+
+_register_transformers_hook()
 
 __all__ = [
     "LocalMask",
@@ -21,9 +28,11 @@ __all__ = [
     "__version__",
     "apply",
     "describe",
+    "from_pretrained",
     "get_spec",
     "is_patched",
     "local_window",
     "remove",
+    "save_pretrained",
     "supported",
 ]
