@@ -15,7 +15,7 @@ import argparse
 import importlib
 from typing import Any
 
-COMMANDS = ("demo",)
+COMMANDS = ("demo", "bench", "convert", "inspect")
 """Command modules under :mod:`attnmask.cli`, in the order ``--help`` lists them."""
 
 
