@@ -208,3 +208,23 @@ def test_flex_compiles_once_per_shape_not_per_layer():
             out = model(torch.randn(batch, 3, 64, 64))
             assert out.shape == (batch, 1000)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+@pytest.mark.slow
+def test_more_shapes_than_torchs_default_recompile_limit_stay_compiled():
+    """torch's default limit (8) would send the 9th shape to the unfused eager path."""
+    from torch._dynamo.utils import counters
+
+    from attnmask.kernels.flex import RECOMPILE_LIMIT
+
+    assert RECOMPILE_LIMIT > 10
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for side in range(4, 14):
+            mask = LocalMask((side, side), (3, 3), 1, 2, (0, 1))
+            q, k, v = qkv(1, 2, mask.num_tokens, 16, dtype=torch.float32)
+            torch.testing.assert_close(
+                flex_attention(q, k, v, mask), KERNELS["reference"](q, k, v, mask), rtol=2e-5, atol=2e-5
+            )
+    assert counters["stats"]["unique_graphs"] == 10, dict(counters["stats"])

@@ -108,7 +108,6 @@ def flex_attention(
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if compiled is None:
         compiled = not torch.compiler.is_compiling() and (q.device.type != "cpu" or q.dtype in CPU_COMPILED_DTYPES)
-    run = _compiled_flex() if compiled else _flex_attention
     if mask.positions is not None:
         order = "rows"
 
@@ -118,17 +117,45 @@ def flex_attention(
             q_, k_, v_ = (t.index_select(2, perm) for t in (q_, k_, v_))
         blocks = block_mask(mask, block_size, order, q_.device)
         score_mod = None if host is None else host_score_mod(host, q_.dtype, perm)
-        if run is _flex_attention and not torch.compiler.is_compiling():
+        arguments = dict(score_mod=score_mod, block_mask=blocks, scale=scale)
+        if torch.compiler.is_compiling():
+            out = _flex_attention(q_, k_, v_, **arguments)
+        elif not compiled:
             with warnings.catch_warnings():  # chosen on purpose (float64 / compiled=False)
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-                out = run(q_, k_, v_, score_mod=score_mod, block_mask=blocks, scale=scale)
+                out = _flex_attention(q_, k_, v_, **arguments)
         else:
-            out = run(q_, k_, v_, score_mod=score_mod, block_mask=blocks, scale=scale)
+            signature = (
+                *(tuple(t.shape) for t in (q_, k_, v_)), q_.dtype, q_.device, q_.requires_grad, order, block_size,
+                mask.positions is not None, None if host is None else (tuple(host.shape), host.dtype), scale,
+            )
+            out = _run_compiled(signature, q_, k_, v_, arguments)
         if perm is not None:
             out = out.index_select(2, inverse(perm))
         return out
 
     return split_heads(q, k, v, mask, attn_mask, masked_heads, scale=scale)
+
+
+RECOMPILE_LIMIT = 64
+"""Compilations of FlexAttention allowed per process before torch falls back to its eager
+implementation (torch's default, 8, is shared by every caller of ``flex_attention`` and a
+few models with a few input sizes, block sizes and token orders exceed it)."""
+
+_compiled_signatures: set[tuple] = set()
+
+
+def _run_compiled(signature: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arguments: dict) -> torch.Tensor:
+    """Call the compiled FlexAttention; a call that may compile (a new signature) runs with
+    :data:`RECOMPILE_LIMIT`, known ones skip that (it costs about 20 us per call)."""
+    if signature in _compiled_signatures:
+        return _compiled_flex()(q, k, v, **arguments)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    with config.patch(**{name: max(getattr(config, name), RECOMPILE_LIMIT)}):
+        out = _compiled_flex()(q, k, v, **arguments)
+    _compiled_signatures.add(signature)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,8 +165,8 @@ def _compiled_flex() -> Callable[..., torch.Tensor]:
     Layers of a model share shapes, so they share its compiled code: one compilation per
     input shape (batch size, grid), never per layer. Static shapes on purpose: a kernel
     specialised to its sizes is the fast one, and torch 2.14's CPU lowering of FlexAttention
-    with symbolic sizes fails to build. Past torch's recompile limit (8 shapes by default,
-    ``torch._dynamo.config.recompile_limit``) torch falls back to the eager implementation.
+    with symbolic sizes fails to build. Past :data:`RECOMPILE_LIMIT` compilations torch falls
+    back to the eager implementation (correct, slow) and warns.
     """
     return torch.compile(_flex_attention, dynamic=False)
 
