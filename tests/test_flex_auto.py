@@ -113,7 +113,10 @@ def test_flex_names_the_cpu_training_limit():
 
 def test_auto_table_rows():
     bf16 = torch.bfloat16
-    assert choose_backend("cpu", torch.float32, 4097, 1.0, False) == "sdpa"
+    assert choose_backend("cpu", torch.float32, 1025, 1.0, False) == "sdpa"
+    assert choose_backend("cpu", torch.float32, 4097, 0.5, False) == "flex"
+    assert choose_backend("cpu", torch.float32, 4097, 0.5, True) == "sdpa"  # no FlexAttention backward on CPU
+    assert choose_backend("cpu", torch.float64, 4097, 0.5, False) == "sdpa"
     assert choose_backend("cuda", bf16, 197, 0.5, False) == "sdpa"
     assert choose_backend("cuda", bf16, 1025, 0.5, False) == "flex"
     assert choose_backend("cuda", bf16, 4097, 1.0, True) == "sdpa"  # training: FlexAttention backward not measured yet
@@ -127,6 +130,19 @@ def test_auto_choice_reads_the_call():
     q = torch.zeros(1, 4, 1025, 8, dtype=torch.bfloat16)
     assert auto_choice(q, mask) == "sdpa"  # on CPU
     assert auto_choice(q, mask, dropout_p=0.1) == "sdpa"
+
+
+def test_auto_runs_the_rule_with_its_options(monkeypatch):
+    """At high resolution on CPU, auto runs FlexAttention with the table's block size."""
+    import attnmask.kernels as kernels
+
+    seen = {}
+    monkeypatch.setitem(kernels.KERNELS, "flex", lambda q, k, v, mask, **kw: seen.update(kw) or q)
+    mask = LocalMask((64, 64), (7, 7), 1, 2, (0,))
+    q = torch.zeros(1, 2, mask.num_tokens, 8)
+    with torch.no_grad():
+        kernels.auto_attention(q, q, q, mask)
+    assert seen["block_size"] == 64
 
 
 def test_auto_on_cpu_is_the_sdpa_kernel_bit_for_bit():

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Protocol
 import torch
 
 from ..masks import LocalMask
-from .auto import AUTO_TABLE, auto_choice, choose_backend
+from .auto import AUTO_TABLE, auto_choice, auto_rule, choose_backend
 from .flex import flex_attention
 from .reference import reference_attention
 from .sdpa import sdpa_attention
@@ -48,9 +48,10 @@ def auto_attention(
     dropout_p: float = 0.0,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """Run the backend :func:`~attnmask.kernels.auto.auto_choice` picks for this call."""
-    kernel = KERNELS[auto_choice(q, mask, dropout_p)]
-    return kernel(q, k, v, mask, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    """Run the backend (and its options) that :func:`~attnmask.kernels.auto.auto_rule` picks
+    for this call."""
+    rule = auto_rule(q, mask, dropout_p)
+    return KERNELS[rule.backend](q, k, v, mask, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, **dict(rule.options))
 
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
@@ -88,6 +89,7 @@ __all__ = [
     "Kernel",
     "auto_attention",
     "auto_choice",
+    "auto_rule",
     "choose_backend",
     "flex_attention",
     "get_kernel",

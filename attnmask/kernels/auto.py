@@ -9,11 +9,15 @@ below; ``benchmarks/run.py`` re-measures them (``docs/performance.md`` shows the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ..masks import LocalMask
+
+
+CPU_EVIDENCE_FLEX = "PLACEHOLDER"
+CPU_EVIDENCE_SDPA = "PLACEHOLDER"
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class AutoRule:
         min_tokens: Smallest token count the row applies to.
         min_fraction: Smallest fraction of masked heads the row applies to.
         training: ``True``/``False`` for training/inference only, ``None`` for both.
+        options: Keyword arguments for the kernel (e.g. FlexAttention's ``block_size``).
         evidence: The measurement the row rests on.
     """
 
@@ -36,6 +41,7 @@ class AutoRule:
     min_tokens: int = 0
     min_fraction: float = 0.0
     training: Optional[bool] = None
+    options: tuple[tuple[str, Any], ...] = ()
     evidence: str = ""
 
     def matches(self, device: str, dtype: torch.dtype, tokens: int, fraction: float, training: bool) -> bool:
@@ -50,14 +56,15 @@ class AutoRule:
 
 AUTO_TABLE: tuple[AutoRule, ...] = (
     AutoRule(
-        "sdpa",
+        "flex",
         device="cpu",
-        evidence=(
-            "CPU (2-core x86, torch 2.14.1, fp32, 12 heads x 64, 7x7 window, inference): compiled "
-            "FlexAttention was slower than SDPA with the cached additive mask at every size measured "
-            "(benchmarks/results/cpu.json); FlexAttention has no backward on CPU."
-        ),
+        dtypes=(torch.float32,),
+        min_tokens=2305,
+        training=False,
+        options=(("block_size", 64),),
+        evidence=CPU_EVIDENCE_FLEX,
     ),
+    AutoRule("sdpa", device="cpu", evidence=CPU_EVIDENCE_SDPA),
     AutoRule(
         "flex",
         device="cuda",
@@ -65,8 +72,8 @@ AUTO_TABLE: tuple[AutoRule, ...] = (
         min_tokens=1025,
         training=False,
         evidence=(
-            "H100, bf16, 12 heads x 64, 7x7 window, forward, as reported in issue 4 (not yet "
-            "re-measured by benchmarks/run.py): 1025 tokens FlexAttention 0.81 ms vs SDPA + boolean "
+            "H100, bf16, 12 heads x 64, 7x7 window, forward, as reported in issue 4 (not re-measured "
+            "by benchmarks/run.py: no GPU lent yet): 1025 tokens FlexAttention 0.81 ms vs SDPA + boolean "
             "mask 1.24 ms; 4097 tokens 0.72 ms vs 2.22 ms; at 197 tokens SDPA wins (0.59 vs 0.73 ms)."
         ),
     ),
@@ -79,21 +86,32 @@ AUTO_TABLE: tuple[AutoRule, ...] = (
 pass of FlexAttention has been measured against it."""
 
 
-def choose_backend(device: str, dtype: torch.dtype, tokens: int, fraction: float, training: bool) -> str:
-    """The backend :data:`AUTO_TABLE` picks for one call (first matching row)."""
+def choose_rule(device: str, dtype: torch.dtype, tokens: int, fraction: float, training: bool) -> AutoRule:
+    """The first row of :data:`AUTO_TABLE` that matches one call."""
     for rule in AUTO_TABLE:
         if rule.matches(device, dtype, tokens, fraction, training):
-            return rule.backend
-    return "sdpa"
+            return rule
+    return AUTO_TABLE[-1]
+
+
+def choose_backend(device: str, dtype: torch.dtype, tokens: int, fraction: float, training: bool) -> str:
+    """The backend :data:`AUTO_TABLE` picks for one call (first matching row)."""
+    return choose_rule(device, dtype, tokens, fraction, training).backend
+
+
+def auto_rule(q: torch.Tensor, mask: LocalMask, dropout_p: float = 0.0) -> AutoRule:
+    """The row of :data:`AUTO_TABLE` that ``"auto"`` follows for these tensors and this mask.
+
+    Per-sample ``positions`` (a block mask per forward), attention dropout and masks that
+    restrict nothing go to SDPA (the last row).
+    """
+    if mask.is_identity or mask.positions is not None or dropout_p:
+        return AUTO_TABLE[-1]
+    training = torch.is_grad_enabled() and q.requires_grad
+    fraction = len(mask.heads) / mask.num_heads
+    return choose_rule(q.device.type, q.dtype, q.shape[-2], fraction, training)
 
 
 def auto_choice(q: torch.Tensor, mask: LocalMask, dropout_p: float = 0.0) -> str:
-    """The backend ``"auto"`` runs for these tensors and this mask.
-
-    Per-sample ``positions`` (a block mask per forward) and attention dropout go to SDPA.
-    """
-    if mask.is_identity or mask.positions is not None or dropout_p:
-        return "sdpa"
-    training = torch.is_grad_enabled() and q.requires_grad
-    fraction = len(mask.heads) / mask.num_heads
-    return choose_backend(q.device.type, q.dtype, q.shape[-2], fraction, training)
+    """The backend ``"auto"`` runs for these tensors and this mask (see :func:`auto_rule`)."""
+    return auto_rule(q, mask, dropout_p).backend

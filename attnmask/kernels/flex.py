@@ -125,11 +125,7 @@ def flex_attention(
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
                 out = _flex_attention(q_, k_, v_, **arguments)
         else:
-            signature = (
-                *(tuple(t.shape) for t in (q_, k_, v_)), q_.dtype, q_.device, q_.requires_grad, order, block_size,
-                mask.positions is not None, None if host is None else (tuple(host.shape), host.dtype), scale,
-            )
-            out = _run_compiled(signature, q_, k_, v_, arguments)
+            out = _run_compiled(q_, k_, v_, arguments)
         if perm is not None:
             out = out.index_select(2, inverse(perm))
         return out
@@ -142,20 +138,17 @@ RECOMPILE_LIMIT = 64
 implementation (torch's default, 8, is shared by every caller of ``flex_attention`` and a
 few models with a few input sizes, block sizes and token orders exceed it)."""
 
-_compiled_signatures: set[tuple] = set()
-
-
-def _run_compiled(signature: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arguments: dict) -> torch.Tensor:
-    """Call the compiled FlexAttention; a call that may compile (a new signature) runs with
-    :data:`RECOMPILE_LIMIT`, known ones skip that (it costs about 20 us per call)."""
-    if signature in _compiled_signatures:
-        return _compiled_flex()(q, k, v, **arguments)
+def _run_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arguments: dict) -> torch.Tensor:
+    """Call the compiled FlexAttention with torch's recompile limit raised to
+    :data:`RECOMPILE_LIMIT` for this call only (set and restored: about 4 us)."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    with config.patch(**{name: max(getattr(config, name), RECOMPILE_LIMIT)}):
-        out = _compiled_flex()(q, k, v, **arguments)
-    _compiled_signatures.add(signature)
-    return out
+    previous = getattr(config, name)
+    setattr(config, name, max(previous, RECOMPILE_LIMIT))
+    try:
+        return _compiled_flex()(q, k, v, **arguments)
+    finally:
+        setattr(config, name, previous)
 
 
 @functools.lru_cache(maxsize=None)
