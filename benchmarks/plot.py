@@ -60,6 +60,9 @@ library versions it was measured.
   and inputs are in the dtype named (no autocast).
 - Defaults: bfloat16 on CUDA, float32 on CPU. A backend that cannot run a row (FlexAttention
   has no backward on CPU, for example) is listed under "Not measured" with torch's reason.
+- Noise: on a small shared CPU, cells of a few milliseconds to tens of milliseconds move by
+  5-15% between runs. Below 2305 tokens `auto` runs the very same kernel as `sdpa` on CPU, so
+  the gap between those two columns there is a direct reading of that noise.
 
 Reproduce: `python benchmarks/run.py` (the full suite, saved to
 `benchmarks/results/<device>.json`), then `python benchmarks/plot.py`. `attnmask bench` runs
@@ -67,9 +70,10 @@ a quick version and prints the tables.
 """
 
 
-def load(results: Path) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
-    """``(benchmark results, overhead results)`` as ``(file stem, data)``, sorted by file name."""
-    suites, overheads = [], []
+def load(results: Path) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """``(benchmark results, overhead results, SDPA-change results)`` as ``(file stem, data)``,
+    sorted by file name."""
+    suites, overheads, changes = [], [], []
     for path in sorted(results.glob("*.json")):
         try:
             data = json.loads(path.read_text())
@@ -81,7 +85,9 @@ def load(results: Path) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]
             isinstance(row, dict) and {"family", "model", "baseline_s", "patched_s"} <= set(row) for row in data["rows"]
         ):
             overheads.append((path.stem, data))
-    return suites, overheads
+        elif isinstance(data, dict) and {"env", "rows"} <= set(data) and all("step" in row for row in data["rows"]):
+            changes.append((path.stem, data))
+    return suites, overheads, changes
 
 
 def taken_on(env: dict[str, Any], settings: Optional[dict[str, Any]] = None) -> str:
@@ -145,15 +151,59 @@ def overhead_section(overheads: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+GPU_PENDING = """## GPU: not measured yet
+
+No `benchmarks/run.py` result from a CUDA device is saved yet: the sessions that wrote the
+kernels had no GPU. `benchmarks/device_check.sh` is the prepared run. Until it has run, the
+CUDA row of `backend="auto"`'s table rests on figures reported in issue 4 (H100, bf16, ViT-B/16
+shapes, 12 heads of 64, 7 x 7 window, forward), not reproduced here:
+
+| tokens (batch) | dense SDPA (flash) | SDPA + boolean mask | FlexAttention, block mask |
+|---|---|---|---|
+| 197 (256), half heads masked | 0.20 ms | 0.59 ms | 0.73 ms |
+| 1025 (32), all heads masked | 0.35 ms | 1.24 ms | 0.81 ms |
+| 4097 (4), all heads masked | 0.53 ms | 2.22 ms | 0.72 ms |
+"""
+
+
+def changes_section(changes: list[tuple[str, dict]]) -> list[str]:
+    """Tables of ``benchmarks/sdpa_changes.py`` results: each SDPA-path change on its own."""
+    lines = ["## Each change to the SDPA path", "",
+             "`benchmarks/sdpa_changes.py`: the kernel call plus the caller's head merge, each step adding "
+             "one change to the one before; call time relative to dense SDPA without a mask (lower is "
+             "better; note this is a time ratio, the other tables are throughput ratios). Steps: `bool-one-call` one SDPA call "
+             "with a boolean mask for every head; `bool-split` global heads on dense SDPA, masked heads with "
+             "the boolean mask; `additive-split` the cached additive mask in the query dtype with an aligned "
+             "row stride; `additive-split-layout` both head groups written in (B, N, H, D) layout, so the "
+             "merge is a view (the current `sdpa` kernel).", ""]
+    for stem, data in changes:
+        steps = list(dict.fromkeys(row["step"] for row in data["rows"] if row["step"] != "dense"))
+        lines += [f"Measured on {taken_on(data['env'])}; results in `benchmarks/results/{stem}.json`.", "",
+                  "| tokens (batch) | heads masked | dense ms | " + " | ".join(steps) + " |",
+                  "|---|---|---|" + "---|" * len(steps)]
+        groups: dict[tuple, dict[str, dict]] = {}
+        for row in data["rows"]:
+            groups.setdefault((row["tokens"], row["batch"], row["heads_masked"]), {})[row["step"]] = row
+        for (tokens, batch, masked), rows in groups.items():
+            cells = [f"{rows[step]['ratio_to_dense']:.2f}x" if step in rows else "-" for step in steps]
+            lines.append(f"| {tokens} ({batch}) | {masked}/12 | {rows['dense']['ms']:.2f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def render(results: Path) -> str:
     """The Markdown of ``docs/performance.md`` for the results in ``results``."""
-    suites, overheads = load(results)
+    suites, overheads, changes = load(results)
     lines = [HEADER]
     if not suites:
         lines += ["## Results", "", "No results of `benchmarks/run.py` are saved yet: run "
                   "`python benchmarks/run.py`, then `python benchmarks/plot.py`.", ""]
     for stem, data in suites:
         lines += suite_section(stem, data)
+    if not any(data["env"].get("device_type") == "cuda" for _, data in suites):
+        lines.append(GPU_PENDING)
+    if changes:
+        lines += changes_section(changes)
     if overheads:
         lines += overhead_section(overheads)
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -281,7 +331,7 @@ def draw(results: Path, docs: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    suites, _ = load(results)
+    suites, _, _ = load(results)
     folder = docs / FIGURES
     folder.mkdir(parents=True, exist_ok=True)
     written = []

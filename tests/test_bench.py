@@ -80,7 +80,7 @@ def test_time_interleaved_medians_errors_and_budget():
 
 def test_settings_presets_and_validation():
     full = preset("full", "cpu")
-    assert full.tokens == (197, 577, 1025, 4097) and full.skip_train_sizes == (1024,)
+    assert full.tokens == (197, 577, 1025, 2305, 4097) and full.skip_train_sizes == (1024,)
     assert full.batch_for_tokens(197) > full.batch_for_tokens(4097) >= 1
     assert preset("quick", "cuda").dtype == "bfloat16" and preset("quick", "cpu").dtype == "float32"
     assert preset("full", "cuda").batch_for_tokens(197) == 256

@@ -20,8 +20,8 @@ MODES = ("inference", "train")
 (forward, cross-entropy, backward, AdamW step)."""
 
 ATTENTION_BATCH = {
-    "cuda": {197: 256, 577: 64, 1025: 32, 4097: 4},
-    "cpu": {197: 8, 577: 2, 1025: 1, 4097: 1},
+    "cuda": {197: 256, 577: 64, 1025: 32, 2305: 8, 4097: 4},
+    "cpu": {197: 8, 577: 2, 1025: 1, 2305: 1, 4097: 1},
 }
 """Batch per token count: more samples at fewer tokens, so each call does comparable work
 (the GPU column is the issue's table; CPU batches are small so the full run stays short)."""
@@ -155,7 +155,7 @@ def preset(name: str, device: str = "cpu", **overrides: Any) -> Settings:
     - quick (``attnmask bench``, about a minute on a 2-core CPU): 197 and 1025 tokens, half
       and all heads, forward and forward+backward, registered backends only (no FlexAttention
       variants); timm ViT-S/16 at 224 px, inference; 3 rounds on CPU, 10 on CUDA.
-    - full (``benchmarks/run.py``): 197/577/1025/4097 tokens, every FlexAttention variant;
+    - full (``benchmarks/run.py``): 197/577/1025/2305/4097 tokens, every FlexAttention variant;
       timm ViT-B/16 and Swin-T at 224/512/1024 px, inference and training. On CPU (10 to 15
       minutes on 2 cores): no 1024 px training, one warm-up call, and each comparison's
       rounds capped at 45 s (at least 3 rounds).
@@ -176,7 +176,7 @@ def preset(name: str, device: str = "cpu", **overrides: Any) -> Settings:
             preset="full",
             device=device,
             dtype="bfloat16" if cuda else "float32",
-            tokens=(197, 577, 1025, 4097),
+            tokens=(197, 577, 1025, 2305, 4097),
             models=MODELS,
             sizes=(224, 512, 1024),
             modes=MODES,
