@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import api
-from .attention import selected, summary
+from .attention import row, selected, summary
 from .settings import Settings
 from .timing import DTYPES, Timing, one_line, time_interleaved
 
@@ -55,22 +55,11 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
 
 
 def _row(base: dict[str, Any], name: str, timing: Timing, baseline: Timing, batch: int) -> dict[str, Any]:
-    out = dict(base, backend=name)
-    if baseline.error is not None:
-        return dict(out, error=f"baseline failed: {baseline.error}")
-    if timing.error is not None:
-        return dict(out, error=timing.error)
-    return dict(
-        out,
-        ms=timing.ms,
-        baseline_ms=baseline.ms,
-        ratio=baseline.ms / timing.ms,
-        images_per_s=batch * 1e3 / timing.ms,
-        baseline_images_per_s=batch * 1e3 / baseline.ms,
-        first_call_ms=timing.first_call_ms,
-        repeats=len(timing.samples_ms),
-        samples_ms=[round(ms, 4) for ms in timing.samples_ms],
-    )
+    """:func:`.attention.row` plus images per second of both models."""
+    out = row(base, name, timing, baseline)
+    if "error" not in out:
+        out.update(images_per_s=batch * 1e3 / timing.ms, baseline_images_per_s=batch * 1e3 / baseline.ms)
+    return out
 
 
 def compare(settings: Settings, name: str, size: int, mode: str) -> list[dict[str, Any]]:
