@@ -6,6 +6,7 @@ bounded and repeatable; ``HYPOTHESIS_PROFILE=dev`` searches harder.
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -25,3 +26,11 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory):
+    """The hub tests' saved folders (tests/hub_saved.py), built once for every hub test module."""
+    from hub_saved import build_saved
+
+    return build_saved(tmp_path_factory)

@@ -1,5 +1,6 @@
 """save_pretrained / from_pretrained: round trips in a fresh process, transformers' own loaders,
-loading without attnmask, and every kind of bad input. Offline: tiny models from configs.
+loading without attnmask, the folder and the Python API (sources and bad input:
+``test_hub_errors.py``). Offline: tiny models from configs.
 
 The fresh-process checks share two subprocesses (``hub_fresh.py``): one loads every saved folder
 with attnmask imported first, one loads them with attnmask blocked (as if not installed) and then
@@ -10,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,50 +22,15 @@ pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 import attnmask  # noqa: E402
-from hub_cases import BY_ID, CASES, cache_repo, forward, images  # noqa: E402
+from hub_cases import BY_ID, CASES, forward, images  # noqa: E402
+from hub_saved import NOAUTO, Saved, close  # noqa: E402
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 HF_IDS = [case.id for case in CASES if case.library == "transformers"]
-NOAUTO = "hf-dinov2-noauto"
-"""The DINOv2 case saved with ``auto_apply=False``."""
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
-
-
-@dataclass
-class Saved:
-    root: Path
-    folders: dict[str, Path]
-    inputs: dict[str, Path]
-    masked: dict[str, dict[str, torch.Tensor]]
-    plain: dict[str, dict[str, torch.Tensor]]
-    specs: dict[str, dict]
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Saved:
-    """Every case built, masked, run and saved; plus the DINOv2 case with ``auto_apply=False``."""
-    root = tmp_path_factory.mktemp("hub")
-    result = Saved(root, {}, {}, {}, {}, {})
-    for case_id, case, auto_apply in [(c.id, c, True) for c in CASES] + [(NOAUTO, BY_ID["hf-dinov2"], False)]:
-        model = case.build()
-        x = images(case)
-        attnmask.apply(model, **case.masks)
-        result.masked[case_id] = forward(model, x)
-        result.specs[case_id] = attnmask.get_spec(model).to_dict()
-        kwargs = dict(model_args=case.model_args) if case.library == "timm" else dict(auto_apply=auto_apply)
-        result.folders[case_id] = attnmask.save_pretrained(model, root / case_id, **kwargs)
-        attnmask.remove(model)
-        result.plain[case_id] = forward(model, x)
-        result.inputs[case_id] = root / f"{case_id}-inputs.safetensors"
-        save_file({"x": x}, str(result.inputs[case_id]))
-    return result
 
 
 def run_fresh(saved: Saved, mode: str, cases: list[str], late_import: tuple[str, ...] = ()) -> tuple[dict, dict]:
@@ -330,147 +294,3 @@ def test_timm_config_must_rebuild_the_model(tmp_path):
     with pytest.raises(ValueError, match="model_args"):
         attnmask.save_pretrained(model, tmp_path / "out", model_args={**case.model_args, "embed_dim": 64})
     assert list(tmp_path.iterdir()) == [], "nothing partial is left behind"
-
-
-# -- sources: Hub ids through the cache ----------------------------------------------------------------
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An offline huggingface_hub cache in ``tmp_path``; ``add(repo_id, folder)`` puts a repo in it."""
-    cache = tmp_path / "hub-cache"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    return lambda repo_id, folder: cache_repo(cache, repo_id, folder)
-
-
-@pytest.mark.parametrize(
-    "source, case_id",
-    [("someone/vit-local", "hf-vit"), ("hf-hub:someone/vit-local", "hf-vit"), ("timm/tiny-swin-local", "timm-swin")],
-)
-def test_hub_sources_load_from_the_cache(saved, hub_cache, source, case_id):
-    hub_cache(source.removeprefix("hf-hub:"), saved.folders[case_id])
-    model = attnmask.from_pretrained(source)
-    assert attnmask.get_spec(model).to_dict() == saved.specs[case_id]
-    for name, tensor in forward(model.eval(), images(BY_ID[case_id])).items():
-        close(tensor, saved.masked[case_id][name])
-
-
-def test_offline_and_not_cached(hub_cache):
-    with pytest.raises(ConnectionError) as error:
-        attnmask.from_pretrained("nobody/no-such-model")
-    message = str(error.value)
-    assert "'nobody/no-such-model'" in message and "HF_HUB_OFFLINE" in message
-    assert "local folder" in message and "cache" in message
-
-
-def test_no_network(monkeypatch):
-    def unreachable(*args, **kwargs):
-        raise huggingface_hub.errors.LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    with pytest.raises(ConnectionError, match="no network.*Name or service not known.*local folder"):
-        attnmask.from_pretrained("google/vit-base-patch16-224")
-
-
-# -- bad input -----------------------------------------------------------------------------------------
-
-
-def copy_folder(saved: Saved, case_id: str, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(saved.folders[case_id], tmp_path / case_id))
-
-
-def edit_config(folder: Path, edit) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    edit(config)
-    (folder / "config.json").write_text(json.dumps(config))
-
-
-def test_unknown_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such folder"):
-        attnmask.from_pretrained(str(tmp_path / "nowhere" / "model"))
-    with pytest.raises(FileNotFoundError, match="not accepted"):
-        attnmask.from_pretrained("./no-such-folder")
-
-
-def set_key(field, value):
-    return lambda config: config["attnmask"].__setitem__(field, value)
-
-
-@pytest.mark.parametrize(
-    "edit, fragments",
-    [
-        (set_key("window", 4), ["window=4", "odd"]),
-        (set_key("window", [3, 3, 3]), ["window=[3, 3, 3]", "pair"]),
-        (set_key("heads", [[0, 9], [0]]), ["head index 9", "0..3"]),
-        (set_key("heads", [[0]]), ["one entry per attention layer"]),
-        (set_key("prefix", "middle"), ["prefix='middle'", "'global', 'isolated'"]),
-        (set_key("mode", "soft"), ["mode='soft'", "'hard'"]),
-        (set_key("backend", "cuda-magic"), ["backend='cuda-magic'", "'auto'"]),
-        (set_key("windw", 3), ["unknown field", "windw"]),
-        (set_key("num_heads", [8, 8]), ["num_heads=[8, 8]", "another model"]),
-        (set_key("family", "timm.vit"), ["family='timm.vit'", "hf.vit"]),
-        (lambda config: config.__setitem__("attnmask", [1, 2]), ["JSON object"]),
-    ],
-)
-def test_corrupted_attnmask_key(saved, tmp_path, edit, fragments):
-    folder = copy_folder(saved, "hf-vit", tmp_path)
-    edit_config(folder, edit)
-    with pytest.raises(ValueError) as error:
-        attnmask.from_pretrained(folder)
-    message = str(error.value)
-    assert str(folder / "config.json") in message and "'attnmask' key" in message
-    for fragment in fragments:
-        assert fragment in message
-
-
-def test_corrupted_key_fails_transformers_from_pretrained_too(saved, tmp_path):
-    folder = copy_folder(saved, "hf-vit", tmp_path)
-    edit_config(folder, set_key("window", 4))
-    with pytest.raises(ValueError, match="config.json: the 'attnmask' key.*window=4"):
-        transformers.AutoModelForImageClassification.from_pretrained(str(folder))
-
-
-def test_invalid_config_json(saved, tmp_path):
-    folder = copy_folder(saved, "timm-vit", tmp_path)
-    (folder / "config.json").write_text('{"architecture": "vit_tiny_patch16_224",')
-    with pytest.raises(ValueError, match="config.json is not valid JSON"):
-        attnmask.from_pretrained(folder)
-    (folder / "config.json").write_text('{"hello": 1}')
-    with pytest.raises(ValueError, match="neither a transformers config.*nor a timm config"):
-        attnmask.from_pretrained(folder)
-    (folder / "config.json").unlink()
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
-        attnmask.from_pretrained(folder)
-
-
-def test_missing_weights_file(saved, tmp_path):
-    folder = copy_folder(saved, "hf-swin", tmp_path)
-    (folder / "model.safetensors").unlink()
-    (folder / "pytorch_model.bin").write_bytes(b"not unpickled")
-    with pytest.raises(FileNotFoundError, match="missing weights file.*model.safetensors.*pytorch_model.bin.*never unpickles"):
-        attnmask.from_pretrained(folder)
-
-
-def test_unsupported_architecture(tmp_path):
-    model = transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1]))
-    model.save_pretrained(str(tmp_path / "resnet"))
-    with pytest.raises(TypeError, match="does not support .*ResNet.*Supported families: .*hf.vit"):
-        attnmask.from_pretrained(tmp_path / "resnet", heads=1, window=3)
-    (tmp_path / "timm-unknown").mkdir()
-    (tmp_path / "timm-unknown" / "config.json").write_text('{"architecture": "no_such_net_224", "pretrained_cfg": {}}')
-    with pytest.raises(TypeError, match="cannot build architecture='no_such_net_224'"):
-        attnmask.from_pretrained(tmp_path / "timm-unknown")
-
-
-def test_bad_overrides_name_the_argument(saved):
-    with pytest.raises(ValueError, match="window=4 is not accepted"):
-        attnmask.from_pretrained(saved.folders["hf-vit"], window=4)
-    with pytest.raises(ValueError, match="heads=9 is not accepted"):
-        attnmask.from_pretrained(saved.folders["hf-vit"], heads=9)
-    with pytest.raises(ValueError, match="use_safetensors=False is not accepted"):
-        attnmask.from_pretrained(saved.folders["hf-vit"], use_safetensors=False)
