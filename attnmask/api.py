@@ -166,17 +166,20 @@ def describe(model: nn.Module) -> MaskReport:
         return MaskReport(adapter.name, rows, None, adapter.grid(model), "global", None, None, notes=notes)
     rows = [LayerRow(i, name, n, chosen) for i, (name, n, chosen) in enumerate(zip(spec.layers, spec.num_heads, spec.heads))]
     grid = adapter.grid(model)
-    resolved = getattr(adapter, "backend_label", None) or _resolved_label(model, spec, grid)
+    resolved = getattr(adapter, "backend_label", None) or _resolved_label(model, adapter, spec, grid)
     return MaskReport(adapter.name, rows, spec.window, grid, spec.prefix, spec.backend, resolved, spec, notes)
 
 
-def _resolved_label(model: nn.Module, spec: MaskSpec, grid: Optional[tuple[int, int]]) -> str:
-    """The kernel name; for ``"auto"``, what it picks for this model's device, dtype and grid
-    at inference (the choice itself is made per call)."""
+def _resolved_label(model: nn.Module, adapter, spec: MaskSpec, grid: Optional[tuple[int, int]]) -> str:
+    """The kernel name; for ``"auto"``, what it picks for this model's device, dtype and
+    sequence length (prefix tokens plus the grid) at inference (the choice itself is made
+    per call)."""
     if spec.backend != "auto":
         return resolve_backend(spec.backend)
     parameter = next(model.parameters(), None)
     if parameter is None or grid is None or not spec.masked_layers:
         return "sdpa"
+    prefix_tokens = adapter.prefix_tokens(model) if hasattr(adapter, "prefix_tokens") else 0
     fraction = max(len(spec.heads[i]) / spec.num_heads[i] for i in spec.masked_layers)
-    return choose_backend(parameter.device.type, parameter.dtype, grid[0] * grid[1], fraction, False)
+    tokens = prefix_tokens + grid[0] * grid[1]
+    return choose_backend(parameter.device.type, parameter.dtype, tokens, fraction, False)

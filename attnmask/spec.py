@@ -235,10 +235,26 @@ class MaskSpec:
         return cls(
             family=str(data["family"]),
             layers=tuple(str(name) for name in data["layers"]),
-            num_heads=tuple(int(n) for n in data["num_heads"]),
-            heads=tuple(tuple(int(h) for h in chosen) for chosen in data["heads"]),
+            num_heads=_ints(data["num_heads"], "num_heads"),
+            heads=tuple(_ints(chosen, f"heads[{i}]") for i, chosen in enumerate(_sequence(data["heads"], "heads"))),
             window=normalize_window(data["window"]),
             prefix=data.get("prefix", "global"),
             backend=data.get("backend", "auto"),
             version=version,
         )
+
+
+def _sequence(value: Any, where: str) -> Sequence:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"MaskSpec {where}={value!r} is not accepted: expected a list")
+    return value
+
+
+def _ints(values: Any, where: str) -> tuple[int, ...]:
+    """``values`` as a tuple of ints; floats, strings and bools are refused, not converted
+    (a hand-edited ``1.9`` or ``"03"`` must not quietly become another head)."""
+    items = _sequence(values, where)
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise ValueError(f"MaskSpec {where} entry {item!r} is not accepted: expected an int")
+    return tuple(int(item) for item in items)

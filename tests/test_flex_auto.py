@@ -69,10 +69,28 @@ def test_compiled_flex_float32_matches_reference():
     torch.testing.assert_close(out, KERNELS["reference"](q, k, v, mask), rtol=2e-5, atol=2e-5)
 
 
+MULTI_BLOCK = [
+    # (variant, grid, window, prefix tokens, prefix policy): grids of several blocks, so the
+    # compiled kernel really skips blocks (eager FlexAttention reads only the mask_mod).
+    ("flex-b64-rows", (20, 23), (5, 7), 2, "isolated"),
+    ("flex-b128-tiles", (20, 23), (7, 5), 1, "global"),
+]
+
+
+@pytest.mark.parametrize("variant, grid, window, prefix_tokens, prefix", MULTI_BLOCK)
+def test_compiled_flex_block_sparsity_on_multi_block_grids(variant, grid, window, prefix_tokens, prefix):
+    mask = LocalMask(grid, window, prefix_tokens, 4, (0, 2), prefix)
+    q, k, v = qkv(1, 4, mask.num_tokens, 16, dtype=torch.float32, seed=5)
+    with torch.no_grad():
+        out = flex_attention(q, k, v, mask, **FLEX_VARIANTS[variant])
+    torch.testing.assert_close(out, KERNELS["reference"](q, k, v, mask), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(FLEX_VARIANTS))
-def test_compiled_flex_variants_float32(variant):
-    mask = LocalMask((24, 24), (7, 7), 1, 2, (0, 1))
+@pytest.mark.parametrize("prefix", ["global", "isolated"])
+def test_compiled_flex_variants_float32(variant, prefix):
+    mask = LocalMask((24, 26), (7, 5), 1, 2, (0, 1), prefix)
     q, k, v = qkv(1, 2, mask.num_tokens, 16, dtype=torch.float32)
     with torch.no_grad():
         out = flex_attention(q, k, v, mask, **FLEX_VARIANTS[variant])
@@ -126,10 +144,38 @@ def test_auto_table_rows():
 
 
 def test_auto_choice_reads_the_call():
-    mask = LocalMask((32, 32), (7, 7), 1, 4, (0, 1))
-    q = torch.zeros(1, 4, 1025, 8, dtype=torch.bfloat16)
-    assert auto_choice(q, mask) == "sdpa"  # on CPU
+    mask = LocalMask((48, 48), (7, 7), 1, 4, (0, 1))
+    q = torch.zeros(1, 4, mask.num_tokens, 8)
+    assert auto_choice(q, mask) == "flex"  # CPU fp32 inference at 2305 tokens
     assert auto_choice(q, mask, dropout_p=0.1) == "sdpa"
+    assert auto_choice(q.bfloat16(), mask) == "sdpa"
+    assert auto_choice(q.requires_grad_(), mask) == "sdpa"
+    with torch.no_grad():
+        assert auto_choice(q, mask) == "flex"
+
+
+def test_auto_counts_gradients_of_keys_and_values():
+    """Only the value projection trained (e.g. LoRA on v): still training, no FlexAttention on CPU."""
+    mask = LocalMask((48, 48), (7, 7), 1, 2, (0,))
+    q, k, v = qkv(1, 2, mask.num_tokens, 8, dtype=torch.float32)
+    v.requires_grad_()
+    assert auto_choice(q, mask, k=k, v=v) == "sdpa"
+    out = KERNELS["auto"](q, k, v, mask)
+    out.sum().backward()
+    assert v.grad is not None
+
+
+def test_describe_reports_what_auto_runs_prefix_tokens_included():
+    """768 px ViT-Ti/16: 48 x 48 patches + the class token = 2305 tokens, FlexAttention's row."""
+    timm = pytest.importorskip("timm")
+    import attnmask
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=768, depth=1)
+    attnmask.apply(model, heads=1, window=7)
+    assert attnmask.describe(model).resolved_backend == "flex"
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=752, depth=1)  # 47 x 47 + 1
+    attnmask.apply(model, heads=1, window=7)
+    assert attnmask.describe(model).resolved_backend == "sdpa"
 
 
 def test_auto_runs_the_rule_with_its_options(monkeypatch):
@@ -171,9 +217,24 @@ def test_split_heads_output_needs_no_copy_to_merge_heads():
     assert merged.data_ptr() == out.data_ptr() and out.transpose(1, 2).is_contiguous()
 
 
-def test_sdpa_fp32_uses_the_additive_mask_equal_to_float64():
+def test_sdpa_fp32_uses_the_additive_mask_equal_to_float64(monkeypatch):
     mask = LocalMask((9, 7), (5, 3), 2, 3, (0, 2), "isolated")
     q, k, v = qkv(2, 3, mask.num_tokens, 16, dtype=torch.float32)
+    import attnmask.kernels.sdpa as sdpa
+
+    masks = []
+    real = sdpa.F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return real(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", spy)
+    sdpa_attention(q, k, v, mask)
+    monkeypatch.undo()
+    cached_mask = mask.additive_mask("cpu", torch.float32)
+    assert masks[0] is None  # global heads: no mask, as the host calls SDPA
+    assert masks[1].dtype == torch.float32 and masks[1].data_ptr() == cached_mask.data_ptr()
     expected = naive_attention(q.double(), k.double(), v.double(), mask.dense())
     torch.testing.assert_close(sdpa_attention(q, k, v, mask), expected.float(), rtol=1e-5, atol=1e-5)
 

@@ -28,7 +28,7 @@ def test_backend_matches_float64_definition(backend, geometry, batch, dim, seed)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("host", ["bool", "float", "bool_per_head", "float_per_batch"])
+@pytest.mark.parametrize("host", ["bool", "float", "bool_per_head", "float_per_batch", "float_per_key"])
 @given(geometry=geometries(), seed=st.integers(0, 1000))
 def test_host_mask_is_added_not_replaced(host, geometry, seed):
     grid, window, prefix_tokens, num_heads, heads, prefix = geometry
@@ -45,8 +45,10 @@ def test_host_mask_is_added_not_replaced(host, geometry, seed):
         additive = torch.zeros(1, num_heads, n, n, dtype=torch.float64).masked_fill(~attn_mask, float("-inf"))
     elif host == "float":
         attn_mask = additive = torch.randn(num_heads, n, n, generator=g, dtype=torch.float64)
-    else:
+    elif host == "float_per_batch":
         attn_mask = additive = torch.randn(2, 1, n, n, generator=g, dtype=torch.float64)
+    else:  # a (B, 1, 1, N) key bias, as padding masks come
+        attn_mask = additive = torch.randn(2, 1, 1, n, generator=g, dtype=torch.float64)
     allowed = brute_force_mask(grid, window, prefix_tokens, num_heads, heads, prefix)
     scale = 8**-0.5
     logits = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale + additive

@@ -123,3 +123,11 @@ def test_spec_from_bad_dict(change, fragment):
     with pytest.raises(ValueError) as info:
         MaskSpec.from_dict(data)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("heads", [[[1.9]], [["03"]], [[True]], "ab", [5]])
+def test_from_dict_refuses_heads_that_are_not_ints(heads):
+    """A hand-edited 1.9 or "03" must not quietly become another head."""
+    data = dict(family="timm.vit", window=3, layers=["blocks.0.attn"], num_heads=[4], heads=heads)
+    with pytest.raises(ValueError, match="not accepted"):
+        MaskSpec.from_dict(data)

@@ -253,6 +253,11 @@ class HFAdapter:
                 module.__dict__.pop(attr, None)
         remove_attnmask_hooks(model)
 
+    def prefix_tokens(self, model: nn.Module) -> int:
+        """Tokens before the patches in the attention layers' sequences."""
+        sites = self.sites(model)
+        return int(self.family.prefix_tokens(sites[0].module.config)) if sites else 0
+
     def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
         for _, module in self._attention_modules(model):
             layout = module.__dict__.get("_attnmask_layout")

@@ -144,6 +144,10 @@ class TorchvisionViTAdapter(ClassSwapAdapter):
         for site in sites:
             site.module._attnmask_grid = grids[id(block_of[site.name])]
 
+    def prefix_tokens(self, model: nn.Module) -> int:
+        """The class token."""
+        return 1
+
     def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
         grids = _owned_blocks(model)
         return next(iter(grids.values()), None)

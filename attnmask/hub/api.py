@@ -36,8 +36,12 @@ def host_of(family: str) -> str:
     )
 
 
-def check_source(src: Source) -> tuple[ModuleType, nn.Module]:
+def check_source(src: Source, **overrides: Any) -> tuple[ModuleType, nn.Module]:
     """Check ``src`` from its ``config.json`` alone, before any weights are fetched.
+
+    ``overrides`` (``heads``, ``window``, ``prefix``, ``backend``) replace the saved masks'
+    fields, as in :func:`from_pretrained`: saved masks that do not fit are no error when the
+    override replaces them.
 
     Returns:
         The host module (:mod:`.hf_io` or :mod:`.timm_io`) and the model built on the meta
@@ -49,8 +53,8 @@ def check_source(src: Source) -> tuple[ModuleType, nn.Module]:
     """
     host = hf_io if src.library == "transformers" else timm_io
     empty = host.build_empty(src.folder, src.config, src.config_path)
-    if src.saved is not None:
-        apply_saved(empty, src.saved, src.config_path)
+    if src.saved is not None or any(value is not None for value in overrides.values()):
+        apply_saved(empty, src.saved, src.config_path, **overrides)
     else:
         find_adapter(empty)
     return host, empty
@@ -184,8 +188,7 @@ def from_pretrained(
     if prefix is not None:
         check_prefix(prefix)
     src = open_source(source, revision)
-    host, empty = check_source(src)
-    apply_saved(empty, src.saved, src.config_path, heads=heads, window=window, prefix=prefix, backend=backend)
+    host, _ = check_source(src, heads=heads, window=window, prefix=prefix, backend=backend)
     folder = src.fetch_weights()
     model = host.load(folder, src.config, **kwargs)
     apply_saved(model, src.saved, src.config_path, heads=heads, window=window, prefix=prefix, backend=backend)

@@ -50,7 +50,7 @@ def auto_attention(
 ) -> torch.Tensor:
     """Run the backend (and its options) that :func:`~attnmask.kernels.auto.auto_rule` picks
     for this call."""
-    rule = auto_rule(q, mask, dropout_p)
+    rule = auto_rule(q, mask, dropout_p, k, v)
     return KERNELS[rule.backend](q, k, v, mask, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, **dict(rule.options))
 
 

@@ -26,8 +26,8 @@ CPU_EVIDENCE_FLEX = (
 )
 CPU_EVIDENCE_SDPA = (
     "CPU below 2305 tokens, in training (FlexAttention has no CPU backward) and in dtypes other than "
-    "float32 (not measured): SDPA with the cached additive mask, 0.90x-1.05x dense SDPA at 197-1025 tokens "
-    "(benchmarks/results/cpu-amd-epyc.json; cells of 10-20 ms vary by about 5% run to run here)."
+    "float32 (not measured): SDPA with the cached additive mask, 0.75x-1.05x dense SDPA at 197-1025 tokens "
+    "(benchmarks/results/cpu-amd-epyc.json; cells of 10-20 ms vary by 5-15% run to run here)."
 )
 
 
@@ -110,19 +110,24 @@ def choose_backend(device: str, dtype: torch.dtype, tokens: int, fraction: float
     return choose_rule(device, dtype, tokens, fraction, training).backend
 
 
-def auto_rule(q: torch.Tensor, mask: LocalMask, dropout_p: float = 0.0) -> AutoRule:
+def auto_rule(
+    q: torch.Tensor, mask: LocalMask, dropout_p: float = 0.0, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None
+) -> AutoRule:
     """The row of :data:`AUTO_TABLE` that ``"auto"`` follows for these tensors and this mask.
 
     Per-sample ``positions`` (a block mask per forward), attention dropout and masks that
-    restrict nothing go to SDPA (the last row).
+    restrict nothing go to SDPA (the last row). It is training when gradients are enabled
+    and any of ``q``, ``k``, ``v`` requires them (e.g. only the value projection trained).
     """
     if mask.is_identity or mask.positions is not None or dropout_p:
         return AUTO_TABLE[-1]
-    training = torch.is_grad_enabled() and q.requires_grad
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
     fraction = len(mask.heads) / mask.num_heads
     return choose_rule(q.device.type, q.dtype, q.shape[-2], fraction, training)
 
 
-def auto_choice(q: torch.Tensor, mask: LocalMask, dropout_p: float = 0.0) -> str:
+def auto_choice(
+    q: torch.Tensor, mask: LocalMask, dropout_p: float = 0.0, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None
+) -> str:
     """The backend ``"auto"`` runs for these tensors and this mask (see :func:`auto_rule`)."""
-    return auto_rule(q, mask, dropout_p).backend
+    return auto_rule(q, mask, dropout_p, k, v).backend

@@ -24,6 +24,7 @@ CPU. Dropout is not supported by FlexAttention.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from typing import Callable, Optional
 
@@ -112,11 +113,12 @@ def flex_attention(
         order = "rows"
 
     def masked_heads(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, host: Optional[torch.Tensor]) -> torch.Tensor:
-        perm = token_order(mask, order, block_size, q_.device)
+        orders = token_order(mask, order, block_size, q_.device)
+        perm = None if orders is None else orders[0]
         if perm is not None:
             q_, k_, v_ = (t.index_select(2, perm) for t in (q_, k_, v_))
-        blocks = block_mask(mask, block_size, order, q_.device)
-        score_mod = None if host is None else host_score_mod(host, q_.dtype, perm)
+        blocks = block_mask(mask, block_size, order, q_.device, perm)
+        score_mod = None if host is None else host_score_mod(host, q_.dtype, perm, q_.shape[-2])
         arguments = dict(score_mod=score_mod, block_mask=blocks, scale=scale)
         if torch.compiler.is_compiling():
             out = _flex_attention(q_, k_, v_, **arguments)
@@ -126,8 +128,8 @@ def flex_attention(
                 out = _flex_attention(q_, k_, v_, **arguments)
         else:
             out = _run_compiled(q_, k_, v_, arguments)
-        if perm is not None:
-            out = out.index_select(2, inverse(perm))
+        if orders is not None:
+            out = out.index_select(2, orders[1])
         return out
 
     return split_heads(q, k, v, mask, attn_mask, masked_heads, scale=scale)
@@ -135,20 +137,35 @@ def flex_attention(
 
 RECOMPILE_LIMIT = 64
 """Compilations of FlexAttention allowed per process before torch falls back to its eager
-implementation (torch's default, 8, is shared by every caller of ``flex_attention`` and a
-few models with a few input sizes, block sizes and token orders exceed it)."""
+implementation. torch's default, 8, is shared by every caller of ``flex_attention``, and a
+few models with a few input sizes, block sizes and token orders exceed it; the first
+compiled flex call raises ``torch._dynamo.config.recompile_limit`` (a process-wide setting,
+for every compiled function) to at least this, and never lowers it."""
+
+_limit_lock = threading.Lock()
+_limit_raised = False
+
+
+def _raise_recompile_limit() -> None:
+    """Raise torch's per-function recompile limit to at least :data:`RECOMPILE_LIMIT`, once
+    per process and never lowered (a set-and-restore around each call is not thread-safe:
+    a concurrent call could restore the old limit mid-compilation). A user's higher limit is
+    kept."""
+    global _limit_raised
+    with _limit_lock:
+        if _limit_raised:
+            return
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+        _limit_raised = True
+
 
 def _run_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arguments: dict) -> torch.Tensor:
-    """Call the compiled FlexAttention with torch's recompile limit raised to
-    :data:`RECOMPILE_LIMIT` for this call only (set and restored: about 4 us)."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    previous = getattr(config, name)
-    setattr(config, name, max(previous, RECOMPILE_LIMIT))
-    try:
-        return _compiled_flex()(q, k, v, **arguments)
-    finally:
-        setattr(config, name, previous)
+    """Call the compiled FlexAttention (raising the recompile limit on first use)."""
+    if not _limit_raised:
+        _raise_recompile_limit()
+    return _compiled_flex()(q, k, v, **arguments)
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,35 +203,41 @@ def inverse(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def token_order(mask: LocalMask, order: str, block_size: int, device: torch.device) -> Optional[torch.Tensor]:
-    """The permutation the masked heads run in, or ``None`` for the host's own order."""
+def token_order(
+    mask: LocalMask, order: str, block_size: int, device: torch.device
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The permutation the masked heads run in and its inverse, or ``None`` for the host's
+    own order. Cached per (grid, prefix tokens, block size, device)."""
     if order == "rows" or mask.positions is not None:
         return None
 
-    def build() -> torch.Tensor:
-        return tile_order(mask.grid, mask.prefix_tokens, _TILE[block_size]).to(device)
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        perm = tile_order(mask.grid, mask.prefix_tokens, _TILE[block_size]).to(device)
+        return perm, inverse(perm)
 
     if torch.compiler.is_compiling():
         return build()
     return cached(("flex-order", mask.grid, mask.prefix_tokens, block_size, device), build)
 
 
-def block_mask(mask: LocalMask, block_size: int, order: str, device: torch.device) -> BlockMask:
+def block_mask(
+    mask: LocalMask, block_size: int, order: str, device: torch.device, perm: Optional[torch.Tensor] = None
+) -> BlockMask:
     """The FlexAttention block mask of a masked head (shared by all masked heads and samples).
 
     Cached per (geometry, block size, order, device); built per call for per-sample
-    ``positions`` and inside compiled regions.
+    ``positions`` and inside compiled regions. ``perm`` is the token order of ``order``
+    (from :func:`token_order`), ``None`` for the host's order.
     """
     num_tokens = mask.num_tokens
-    mask_mod: MaskMod = mask.window_mod()
     if mask.positions is not None:
-        mask_mod = at_positions(mask_mod, mask.positions.to(device))
+        mask_mod = at_positions(mask.window_mod(), mask.positions.to(device))
         return create_block_mask(mask_mod, int(mask.positions.shape[0]), None, num_tokens, num_tokens, device, block_size)
-    perm = token_order(mask, order, block_size, device)
-    if perm is not None:
-        mask_mod = _permuted(mask_mod, perm)
 
     def build() -> BlockMask:
+        mask_mod: MaskMod = mask.window_mod()
+        if perm is not None:
+            mask_mod = _permuted(mask_mod, perm)
         return create_block_mask(mask_mod, None, None, num_tokens, num_tokens, device, block_size)
 
     if torch.compiler.is_compiling():
@@ -232,17 +255,18 @@ def _permuted(mask_mod: MaskMod, perm: torch.Tensor) -> MaskMod:
     return permuted_mask
 
 
-def host_score_mod(host: torch.Tensor, dtype: torch.dtype, perm: Optional[torch.Tensor]) -> Callable:
+def host_score_mod(host: torch.Tensor, dtype: torch.dtype, perm: Optional[torch.Tensor], num_tokens: int) -> Callable:
     """A ``score_mod`` adding the host model's mask (``-inf`` where a boolean mask forbids).
 
-    ``host`` broadcasts to ``(batch, heads, tokens, tokens)``; dimensions of size 1 are read
-    at index 0. With a token permutation, scores are read at the host's own indices.
+    ``host`` broadcasts to ``(batch, heads, tokens, tokens)``: batch and head dimensions of
+    size 1 are read at index 0, query and key dimensions of size 1 are expanded (a view). With a token permutation, scores are read at the host's own indices.
     """
     bias = host if host.dtype != torch.bool else torch.zeros(host.shape, dtype=dtype, device=host.device).masked_fill(~host, float("-inf"))
     while bias.dim() < 4:
         bias = bias.unsqueeze(0)
     bias = bias.to(dtype)
     per_batch, per_head = bias.shape[0] > 1, bias.shape[1] > 1
+    bias = bias.expand(-1, -1, num_tokens, num_tokens)  # (B, 1, 1, N) key masks and the like: a view
 
     def host_bias(score, b, h, q_idx, kv_idx):
         if perm is not None:
