@@ -14,7 +14,7 @@ from torch import nn
 from .adapters import adapter_named, find_adapter
 from .kernels import choose_backend, resolve_backend
 from .report import LayerRow, MaskReport
-from .spec import Heads, LayerPlan, MaskSpec, check_prefix, normalize_window, resolve_heads
+from .spec import Heads, LayerPlan, MaskSpec, check_mode, check_prefix, normalize_window, resolve_heads
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -38,6 +38,7 @@ def apply(
     *,
     prefix: str = "global",
     backend: str = "auto",
+    mode: str = "hard",
 ) -> ModelT:
     """Make chosen attention heads of ``model`` local, in place.
 
@@ -50,6 +51,9 @@ def apply(
         model: A supported vision transformer (see the error for unsupported ones).
         heads: Which heads to mask in each attention layer:
 
+            - a schedule preset: ``"mait"`` (all heads in the first third of the layers,
+              one in the middle third, none in the last), ``"mait-mixed"`` (all heads in
+              the first third, one elsewhere), ``"one-head"`` (see :mod:`attnmask.schedules`);
             - ``int`` ``n``: the first ``n`` heads of every layer (``0`` masks none);
             - ``float`` ``f`` in ``(0, 1]``: ``floor(f * num_heads)`` heads, at least 1;
             - ``"all"`` or ``"none"``;
@@ -64,6 +68,10 @@ def apply(
             fraction and training, see :data:`attnmask.kernels.AUTO_TABLE`), ``"sdpa"``,
             ``"flex"`` (FlexAttention block masks; inference only on CPU) or ``"reference"``
             (float64, for tests).
+        mode: ``"hard"`` (default: out-of-window logits are ``-inf``; the head is strictly
+            local and sparse kernels can skip the masked work) or ``"soft"`` (the paper's
+            Eq. 2: out-of-window logits are set to 0 before the softmax, so some global
+            information leaks in; computed densely).
 
     Returns:
         The same ``model``, patched.
@@ -74,6 +82,9 @@ def apply(
     """
     window = normalize_window(window)
     prefix = check_prefix(prefix)
+    mode = check_mode(mode)
+    if mode == "soft":  # TEMPORARY: the kernels do not implement soft mode yet
+        raise NotImplementedError("mode='soft' is not implemented yet")
     resolved_backend = resolve_backend(backend)
     adapter = find_adapter(model)
     accepted = getattr(adapter, "backends", None)
@@ -81,6 +92,12 @@ def apply(
         raise ValueError(
             f"backend={backend!r} is not accepted for {adapter.name} models: their masked heads run in "
             f"the host's own attention code ({adapter.backend_label}); accepted: {list(accepted)}"
+        )
+    modes = getattr(adapter, "modes", None)
+    if modes is not None and mode not in modes:
+        raise ValueError(
+            f"mode={mode!r} is not accepted for {adapter.name} models: the mask goes on the host's "
+            f"position bias, where a logit cannot be set to 0; accepted: {list(modes)}"
         )
     sites = adapter.sites(model)
     if not sites:
@@ -94,6 +111,7 @@ def apply(
         window=window,
         prefix=prefix,
         backend=backend,
+        mode=mode,
     )
     checkpoint = _checkpoint(model)
     try:
@@ -107,7 +125,9 @@ def apply(
 
 def _install(model: nn.Module, adapter, sites, spec: MaskSpec, backend: str) -> None:
     masked = [site for site in sites if spec.heads[site.layer]]
-    plans = [LayerPlan(s.layer, s.num_heads, spec.heads[s.layer], spec.window, spec.prefix, backend) for s in masked]
+    plans = [
+        LayerPlan(s.layer, s.num_heads, spec.heads[s.layer], spec.window, spec.prefix, backend, spec.mode) for s in masked
+    ]
     adapter.install(model, masked, plans)
     model.__dict__[SPEC_ATTR] = spec
 

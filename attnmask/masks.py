@@ -164,6 +164,10 @@ class LocalMask:
             per-sample subset or reordering of the full layout (ViTMAE's random masking):
             token ``i`` of sample ``b`` is token ``positions[b, i]`` of the full layout
             (prefix tokens, then the row-major grid). ``None``: the full layout in order.
+        mode: ``"hard"`` (out-of-window logits of masked heads are ``-inf``) or ``"soft"``
+            (they are set to 0 before the softmax: the paper's Eq. 2).
+        layer: Index of the attention layer this mask belongs to (for tools that record
+            per-layer statistics); not part of the geometry.
     """
 
     grid: tuple[int, int]
@@ -173,6 +177,8 @@ class LocalMask:
     heads: tuple[int, ...]
     prefix: str = "global"
     positions: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    mode: str = "hard"
+    layer: Optional[int] = field(default=None, compare=False)
 
     @property
     def full_tokens(self) -> int:
@@ -284,6 +290,25 @@ class LocalMask:
         ``(batch, num_heads, N, N)`` with :attr:`positions`."""
         batch = None if self.positions is None else int(self.positions.shape[0])
         return evaluate(self.mask_mod(device), self.num_heads, self.num_tokens, device, batch)
+
+
+def restrict(logits: torch.Tensor, allowed: torch.Tensor, mode: str = "hard") -> torch.Tensor:
+    """The one definition of what a mask does to a masked head's logits.
+
+    ``"hard"``: ``-inf`` where ``allowed`` is False. ``"soft"`` (the paper's Eq. 2,
+    ``M * (q k^T) / sqrt(d)``): 0 there. Applied to the scaled ``q k^T`` logits *before* the
+    host model's own mask or bias is added (the order matters only in soft mode).
+
+    Args:
+        logits: Scaled ``q k^T`` logits, broadcastable with ``allowed``.
+        allowed: Boolean, True where the head may attend.
+        mode: ``"hard"`` or ``"soft"``.
+    """
+    if mode == "hard":
+        return logits.masked_fill(~allowed, float("-inf"))
+    if mode == "soft":
+        return logits.masked_fill(~allowed, 0.0)
+    raise ValueError(f"mode={mode!r} is not accepted: expected one of 'hard', 'soft'")
 
 
 def mask_logits(logits: torch.Tensor, mask: LocalMask) -> torch.Tensor:

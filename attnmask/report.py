@@ -49,6 +49,11 @@ class MaskReport:
     def patched(self) -> bool:
         return self.spec is not None
 
+    @property
+    def mode(self) -> Optional[str]:
+        """``"hard"`` or ``"soft"`` (``None`` if not patched)."""
+        return self.spec.mode if self.spec is not None else None
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-serialisable)."""
         return {
@@ -57,6 +62,7 @@ class MaskReport:
             "window": list(self.window) if self.window else None,
             "grid": list(self.grid) if self.grid else None,
             "prefix": self.prefix,
+            "mode": self.mode,
             "backend": self.backend,
             "resolved_backend": self.resolved_backend,
             "layers": [
@@ -73,7 +79,7 @@ class MaskReport:
         if self.window:
             header = (
                 f"attnmask: {self.family}, window {self.window[0]}x{self.window[1]}, grid {grid}, "
-                f"prefix {self.prefix}, backend {self.backend} -> {self.resolved_backend}"
+                f"prefix {self.prefix}, mode {self.mode}, backend {self.backend} -> {self.resolved_backend}"
                 f"{' (chosen per call; here at inference)' if self.backend == 'auto' else ''}; "
                 f"{masked}/{total} heads masked"
             )

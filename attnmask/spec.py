@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .kernels import BACKENDS
-from .masks import PREFIX_POLICIES
+from .masks import PREFIX_POLICIES, LocalMask
+from .schedules import PRESETS
 
 SPEC_VERSION = 1
 
@@ -22,6 +23,15 @@ Heads = Union[HeadsPerLayer, Mapping[int, HeadsPerLayer], Callable[[int, int, in
 callable ``(layer_index, num_layers, num_heads) -> per-layer form``."""
 
 HEAD_STRINGS = ("all", "none")
+
+MODES = ("hard", "soft")
+"""How a masked head's out-of-window logits are treated.
+
+- ``"hard"`` (default): they are ``-inf``, so the head attends only inside its window (true
+  locality; block-sparse kernels can skip the masked work).
+- ``"soft"``: the paper's Eq. 2, ``softmax(M * (q k^T) / sqrt(d))``: they are set to 0, so each
+  out-of-window key still gets weight ``e^0`` and a little global information leaks in.
+"""
 
 
 def normalize_window(window: Any) -> tuple[int, int]:
@@ -60,6 +70,11 @@ def check_choice(name: str, value: Any, accepted: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in accepted:
         raise ValueError(f"{name}={value!r} is not accepted: expected one of {', '.join(map(repr, accepted))}")
     return value
+
+
+def check_mode(mode: Any) -> str:
+    """Validate the mask mode (see :data:`MODES`)."""
+    return check_choice("mode", mode, MODES)
 
 
 def check_prefix(prefix: Any) -> str:
@@ -109,7 +124,8 @@ def resolve_heads(heads: Heads, num_heads: Sequence[int]) -> tuple[tuple[int, ..
     """Resolve ``apply``'s ``heads`` argument to the masked head indices of every layer.
 
     Args:
-        heads: See :data:`Heads`. An int ``n`` masks the first ``n`` heads of every layer; a
+        heads: See :data:`Heads`. A preset name from
+            :data:`attnmask.schedules.PRESETS` (``"mait"``, ...) is that schedule. An int ``n`` masks the first ``n`` heads of every layer; a
             float ``f`` masks ``floor(f * num_heads)`` heads (at least 1); ``"all"``/``"none"``;
             a sequence of indices masks the same heads in every layer; a mapping
             ``{layer_index: heads}`` masks only the named layers; a callable is asked per layer.
@@ -119,6 +135,14 @@ def resolve_heads(heads: Heads, num_heads: Sequence[int]) -> tuple[tuple[int, ..
         One sorted tuple of masked head indices per layer.
     """
     num_layers = len(num_heads)
+    if isinstance(heads, str) and heads not in HEAD_STRINGS:
+        if heads not in PRESETS:
+            raise ValueError(
+                f"heads={heads!r} is not accepted: expected 'all', 'none', a schedule preset "
+                f"({', '.join(map(repr, PRESETS))}), an int count, a float fraction in (0, 1], "
+                "head indices, a {layer: heads} mapping or a callable"
+            )
+        heads = PRESETS[heads]
     if isinstance(heads, Mapping):
         resolved: list[tuple[int, ...]] = [() for _ in range(num_layers)]
         for layer, value in heads.items():
@@ -148,6 +172,7 @@ class LayerPlan:
         window: ``(kh, kw)``.
         prefix: Prefix policy.
         backend: Name of the kernel that runs it (``"auto"`` chooses per call).
+        mode: ``"hard"`` or ``"soft"`` (see :data:`MODES`).
     """
 
     layer: int
@@ -156,6 +181,21 @@ class LayerPlan:
     window: tuple[int, int]
     prefix: str
     backend: str
+    mode: str = "hard"
+
+    def local_mask(self, grid: tuple[int, int], prefix_tokens: int, positions=None) -> LocalMask:
+        """The layer's :class:`~attnmask.masks.LocalMask` for an input on ``grid``."""
+        return LocalMask(
+            grid=(int(grid[0]), int(grid[1])),
+            window=self.window,
+            prefix_tokens=prefix_tokens,
+            num_heads=self.num_heads,
+            heads=self.heads,
+            prefix=self.prefix,
+            positions=positions,
+            mode=self.mode,
+            layer=self.layer,
+        )
 
 
 @dataclass(frozen=True)
@@ -170,6 +210,7 @@ class MaskSpec:
         window: ``(kh, kw)`` neighbourhood of masked heads.
         prefix: Prefix policy (``"global"`` or ``"isolated"``).
         backend: Backend asked for (``"auto"``, ``"sdpa"``, ``"flex"`` or ``"reference"``).
+        mode: ``"hard"`` or ``"soft"`` (see :data:`MODES`).
         version: Format version of this description.
     """
 
@@ -180,6 +221,7 @@ class MaskSpec:
     window: tuple[int, int]
     prefix: str = "global"
     backend: str = "auto"
+    mode: str = "hard"
     version: int = field(default=SPEC_VERSION)
 
     def __post_init__(self) -> None:
@@ -191,6 +233,7 @@ class MaskSpec:
         normalize_window(self.window)
         check_prefix(self.prefix)
         check_choice("backend", self.backend, BACKENDS)
+        check_mode(self.mode)
         for layer, (n, chosen) in enumerate(zip(self.num_heads, self.heads)):
             _layer_heads(list(chosen), layer, n, f"heads[{layer}]")
 
@@ -216,6 +259,7 @@ class MaskSpec:
             "window": list(self.window),
             "prefix": self.prefix,
             "backend": self.backend,
+            "mode": self.mode,
             "layers": list(self.layers),
             "num_heads": list(self.num_heads),
             "heads": [list(chosen) for chosen in self.heads],
@@ -240,6 +284,7 @@ class MaskSpec:
             window=normalize_window(data["window"]),
             prefix=data.get("prefix", "global"),
             backend=data.get("backend", "auto"),
+            mode=data.get("mode", "hard"),
             version=version,
         )
 

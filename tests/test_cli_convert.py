@@ -150,7 +150,7 @@ def corrupted(sources: dict[str, Path], tmp_path: Path, field: str, value) -> Pa
         ("window", 4, "window=4 is not accepted"),
         ("heads", [[0, 5], [0], [0], [0]], "head index 5 is outside 0..1"),
         ("prefix", "everywhere", "prefix='everywhere' is not accepted"),
-        ("mode", "soft", "mode='soft', which is not accepted"),
+        ("mode", "fuzzy", "mode='fuzzy' is not accepted"),
     ],
 )
 def test_corrupted_config_status_1(sources, tmp_path, capsys, field, value, fragment):

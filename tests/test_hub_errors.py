@@ -95,7 +95,7 @@ def set_key(field, value):
         (set_key("heads", [[0, 9], [0]]), ["head index 9", "0..3"]),
         (set_key("heads", [[0]]), ["one entry per attention layer"]),
         (set_key("prefix", "middle"), ["prefix='middle'", "'global', 'isolated'"]),
-        (set_key("mode", "soft"), ["mode='soft'", "'hard'"]),
+        (set_key("mode", "fuzzy"), ["mode='fuzzy'", "'hard', 'soft'"]),
         (set_key("backend", "cuda-magic"), ["backend='cuda-magic'", "'auto'"]),
         (set_key("windw", 3), ["unknown field", "windw"]),
         (set_key("num_heads", [8, 8]), ["num_heads=[8, 8]", "another model"]),

@@ -57,7 +57,7 @@ class PatchLayout:
                 f"({self.prefix_tokens} prefix tokens + a {grid[0]}x{grid[1]} grid); feed images "
                 "through the model's patch embedding so the grid of each input is known"
             )
-        return LocalMask(grid, plan.window, self.prefix_tokens, plan.num_heads, plan.heads, plan.prefix)
+        return plan.local_mask(grid, self.prefix_tokens)
 
 
 class ShuffledPatchLayout(PatchLayout):
@@ -86,7 +86,7 @@ class ShuffledPatchLayout(PatchLayout):
                 f"{grid[0]}x{grid[1]} grid: run the model (or its embeddings) on the images first"
             )
         positions = kept_positions(shuffle[:, :kept], self.prefix_tokens)
-        return LocalMask(grid, plan.window, self.prefix_tokens, plan.num_heads, plan.heads, plan.prefix, positions)
+        return plan.local_mask(grid, self.prefix_tokens, positions)
 
 
 class WindowLayout:
@@ -105,4 +105,4 @@ class WindowLayout:
         if side * side != num_tokens:
             raise ValueError(f"attnmask: a Swin window of {num_tokens} tokens is not square")
         self.last_grid = (side, side)
-        return LocalMask((side, side), plan.window, 0, plan.num_heads, plan.heads, plan.prefix)
+        return plan.local_mask((side, side), 0)

@@ -55,15 +55,7 @@ def local_mask(plan: LayerPlan, tokens: TokenLayout, kept: Optional[KeptPatches]
         positions = kept_positions(keep, prefix_tokens)
     else:
         grid = tokens.grid(num_tokens)
-    return LocalMask(
-        grid=grid,
-        window=plan.window,
-        prefix_tokens=prefix_tokens,
-        num_heads=plan.num_heads,
-        heads=plan.heads,
-        prefix=plan.prefix,
-        positions=positions,
-    )
+    return plan.local_mask(grid, prefix_tokens, positions)
 
 
 class MaskedEvaAttention(EvaAttention):

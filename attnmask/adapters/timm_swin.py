@@ -42,14 +42,7 @@ def _local_mask(module: nn.Module) -> LocalMask:
     """The mask of a patched window attention for its current attention window."""
     plan: LayerPlan = module._attnmask_plan
     height, width = module.window_size
-    return LocalMask(
-        grid=(int(height), int(width)),
-        window=plan.window,
-        prefix_tokens=0,
-        num_heads=plan.num_heads,
-        heads=plan.heads,
-        prefix=plan.prefix,
-    )
+    return plan.local_mask((height, width), 0)
 
 
 def _add_shift_mask(attn: torch.Tensor, mask: Optional[torch.Tensor], num_heads: int) -> torch.Tensor:
@@ -147,6 +140,7 @@ class TimmSwinAdapter(ClassSwapAdapter):
     masked = _MASKED
     # Masked heads run in the host's own window attention, not an attnmask kernel.
     backends = ("auto", "reference")
+    modes = ("hard",)
     backend_label = "timm's window attention, mask on the position bias (float64 with backend='reference')"
 
     def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:

@@ -89,7 +89,7 @@ def timm_qkv(module, x: torch.Tensor) -> torch.Tensor:
 
 def layout_mask(tokens: TokenLayout, plan: LayerPlan, num_tokens: int) -> LocalMask:
     """The layer's :class:`LocalMask` for a sequence of ``num_tokens`` tokens laid out as ``tokens``."""
-    return LocalMask(tokens.grid(num_tokens), plan.window, tokens.prefix_tokens, plan.num_heads, plan.heads, plan.prefix)
+    return plan.local_mask(tokens.grid(num_tokens), tokens.prefix_tokens)
 
 
 class MaskedAttention(Attention):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
-from ..masks import LocalMask, mask_logits
+from ..masks import mask_logits
 from ..spec import LayerPlan
 from .swap import ClassSwapAdapter
 
@@ -39,14 +39,7 @@ class LocalityBias:
     def get_relative_position_bias(self) -> torch.Tensor:
         bias = super().get_relative_position_bias()  # (1, heads, N, N)
         plan = self._attnmask_plan
-        mask = LocalMask(
-            grid=(int(self.window_size[0]), int(self.window_size[1])),
-            window=plan.window,
-            prefix_tokens=0,
-            num_heads=plan.num_heads,
-            heads=plan.heads,
-            prefix=plan.prefix,
-        )
+        mask = plan.local_mask(self.window_size, 0)
         # Global heads keep the host's bias values exactly (selected, not recomputed). The
         # shift mask torchvision adds next (-100) leaves -inf as -inf, and every query keeps
         # itself, so no softmax row is empty.
@@ -73,6 +66,7 @@ class TorchvisionSwinAdapter(ClassSwapAdapter):
     name = "torchvision.swin"
     masked = MASKED
     backends = ("auto",)
+    modes = ("hard",)
     backend_label = "torchvision's window attention, mask added to the position bias"
 
     def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:

@@ -23,7 +23,6 @@ from torch import nn
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
 from ..kernels import get_kernel
-from ..masks import LocalMask
 from ..spec import LayerPlan
 from . import Site
 from .swap import ClassSwapAdapter
@@ -56,7 +55,7 @@ class MaskedMultiheadAttention(nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         plan = self._attnmask_plan
-        mask = LocalMask(self._attnmask_grid, plan.window, CLASS_TOKENS, plan.num_heads, plan.heads, plan.prefix)
+        mask = plan.local_mask(self._attnmask_grid, CLASS_TOKENS)
         if mask.is_identity:
             # Nothing is restricted: the parent (and its fused fast path) is exact.
             return super().forward(

@@ -131,7 +131,7 @@ def save_pretrained(
     base = base_model or model.__dict__.get(BASE_MODEL) or host.base_model(model) or None
     from .. import __version__
 
-    saved = SavedMasks(spec, "hard", auto_apply, base, __version__)
+    saved = SavedMasks(spec, auto_apply, base, __version__)
     with staged_folder(out, overwrite) as staging:
         if library == "transformers":
             hf_io.save(model, staging, saved)

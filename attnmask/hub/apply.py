@@ -45,6 +45,6 @@ def apply_saved(
     spec = saved.spec
     if heads is None:
         check_fits(spec, model, where)
-    arguments = dict(heads=spec.heads_mapping(), window=spec.window, prefix=spec.prefix, backend=spec.backend)
+    arguments = dict(heads=spec.heads_mapping(), window=spec.window, prefix=spec.prefix, backend=spec.backend, mode=spec.mode)
     arguments.update(overrides)
     return apply(model, **arguments)

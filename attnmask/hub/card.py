@@ -12,7 +12,10 @@ PREFIX_WORDS = {
     "isolated": "isolated (class, distillation and register tokens attend to every token, but the patch queries "
     "of local heads do not attend to them)",
 }
-MODE_WORDS = {"hard": "hard (a local head gives zero attention to every patch outside its window)"}
+MODE_WORDS = {
+    "hard": "hard (a local head gives zero attention to every patch outside its window)",
+    "soft": "soft (the paper's Eq. 2: out-of-window logits of a local head are set to 0 before the softmax)",
+}
 
 
 def heads_in_words(heads: tuple[tuple[int, ...], ...], num_heads: tuple[int, ...]) -> list[str]:

@@ -5,8 +5,6 @@ masks back under one top-level key, ``"attnmask"``, of its ``config.json`` (the 
 transformers or timm, otherwise unchanged). The value is :meth:`MaskSpec.to_dict` with a
 few more fields:
 
-- ``mode``: ``"hard"`` (a masked head gives zero attention outside its window), the only
-  mode this release knows;
 - ``auto_apply``: whether ``transformers.AutoModel.from_pretrained`` re-applies the masks
   once attnmask is imported (Hugging Face folders only);
 - ``base_model``: the model the weights came from (for the model card);
@@ -43,11 +41,8 @@ install. It contains no ``/`` (transformers would take it for a Hub kernel repos
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 """What a Hugging Face Hub repo id (``org/name``) looks like."""
 
-MODES = ("hard",)
-"""Mask modes this release reads and writes (soft masks are planned, not implemented)."""
-
-SPEC_KEYS = ("version", "family", "window", "prefix", "backend", "layers", "num_heads", "heads")
-EXTRA_KEYS = ("mode", "auto_apply", "base_model", "attnmask_version")
+SPEC_KEYS = ("version", "family", "window", "prefix", "backend", "mode", "layers", "num_heads", "heads")
+EXTRA_KEYS = ("auto_apply", "base_model", "attnmask_version")
 
 
 @dataclass(frozen=True)
@@ -55,22 +50,25 @@ class SavedMasks:
     """What the ``attnmask`` key of a saved ``config.json`` holds.
 
     Attributes:
-        spec: The masks.
-        mode: Mask mode (see :data:`MODES`).
+        spec: The masks (their mode included).
         auto_apply: Whether transformers' own ``from_pretrained`` re-applies the masks.
         base_model: The model the weights came from (repo id or path), if known.
         attnmask_version: Release that wrote the folder.
     """
 
     spec: MaskSpec
-    mode: str = "hard"
     auto_apply: bool = True
     base_model: Optional[str] = None
     attnmask_version: Optional[str] = None
 
+    @property
+    def mode(self) -> str:
+        """``"hard"`` or ``"soft"`` (the spec's :attr:`~attnmask.MaskSpec.mode`)."""
+        return self.spec.mode
+
     def to_config(self) -> dict[str, Any]:
         """The value to store under :data:`KEY` (plain JSON)."""
-        data: dict[str, Any] = {**self.spec.to_dict(), "mode": self.mode, "auto_apply": self.auto_apply}
+        data: dict[str, Any] = {**self.spec.to_dict(), "auto_apply": self.auto_apply}
         if self.base_model:
             data["base_model"] = self.base_model
         if self.attnmask_version:
@@ -94,12 +92,6 @@ class SavedMasks:
         unknown = sorted(set(data) - set(SPEC_KEYS) - set(EXTRA_KEYS))
         if unknown:
             raise ValueError(f"{prefix} has unknown field(s) {unknown}; accepted fields: {', '.join(SPEC_KEYS + EXTRA_KEYS)}")
-        mode = data.get("mode", "hard")
-        if mode not in MODES:
-            raise ValueError(
-                f"{prefix} has mode={mode!r}, which is not accepted: this attnmask reads "
-                f"{', '.join(map(repr, MODES))} (soft masks are not implemented yet)"
-            )
         auto_apply = data.get("auto_apply", True)
         if not isinstance(auto_apply, bool):
             raise ValueError(f"{prefix} has auto_apply={auto_apply!r}, which is not accepted: expected true or false")
@@ -110,7 +102,7 @@ class SavedMasks:
             spec = MaskSpec.from_dict({k: v for k, v in data.items() if k in SPEC_KEYS})
         except (TypeError, ValueError, KeyError) as error:
             raise ValueError(f"{prefix} is not a valid MaskSpec: {error}") from None
-        return cls(spec, mode, auto_apply, data.get("base_model"), data.get("attnmask_version"))
+        return cls(spec, auto_apply, data.get("base_model"), data.get("attnmask_version"))
 
 
 def check_fits(spec: MaskSpec, model: nn.Module, where: str) -> None:
