@@ -1,40 +1,53 @@
 #!/usr/bin/env bash
-# One GPU session's checks and timings (issue 4's "done when"), for the device machine:
-#   bash benchmarks/device_check.sh 1   then   bash benchmarks/device_check.sh 2
-# (two calls: each fits the device tool's 10-minute command limit; results under $OUT,
-# default ./device-out)
-# Uses the checkout in place (no install: nothing can be downloaded there). Each step has its
-# own time limit so one slow step cannot eat the session; copy $OUT/*.json into
-# benchmarks/results/ and run `python benchmarks/plot.py` afterwards.
-# NOT YET RUN: no GPU has been lent to the sessions that wrote it.
+# One GPU call's checks and timings (issue 4's "done when" first, then the rest by priority),
+# for the device machine of this workplace (one command, at most 10 minutes):
+#   bash benchmarks/device_check.sh            # results under $OUT (default ./device-out)
+# Uses the checkout in place (nothing can be installed there). Each step has its own time
+# limit and the whole script a budget (BUDGET seconds, default 540): steps that would not
+# fit are skipped and say so, and every step writes its own file as soon as it ends, so a
+# cut-off run still returns what it finished. Copy $OUT/*.json into benchmarks/results/
+# (rename to the device slug) and run `python benchmarks/plot.py` afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/device-out}"
+BUDGET="${BUDGET:-540}"
 mkdir -p "$OUT"
-python - <<'EOF' | tee "$OUT/versions.txt"
-import torch, timm, transformers
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+LOG="$OUT/log.txt"
+step() {  # step SECONDS_LIMIT MIN_SECONDS_LEFT NAME COMMAND...
+  local limit=$1 need=$2 name=$3; shift 3
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt "$need" ]; then echo "== $name: SKIPPED (${left}s of the budget left, needs ${need}s)" | tee -a "$LOG"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit}s, t=${SECONDS}s)" | tee -a "$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  echo "== $name: exit $? (t=${SECONDS}s)" | tee -a "$LOG"
+}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  python - <<'PY'
+import torch, timm, transformers, triton
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0), "triton", triton.__version__)
 print("timm", timm.__version__, "transformers", transformers.__version__)
-EOF
-stage="${1:-1}"
-if [ "$stage" = 1 ]; then
-# Correctness on CUDA first (the CUDA-only tests skip everywhere else).
-if python -c "import pytest, hypothesis" 2>/dev/null; then
-  timeout 150 python -m pytest -q -p no:cacheprovider -m "" tests/test_flex_auto.py tests/test_kernels.py \
-    2>&1 | tail -25 | tee "$OUT/pytest_cuda.txt"
-else
-  echo "pytest/hypothesis missing on this image: CUDA tests not run" | tee "$OUT/pytest_cuda.txt"
-fi
-# The done-when figures: ViT-B/16 inference at 224 and 1024 px, half the heads masked, bf16.
-timeout 180 python benchmarks/run.py --device cuda --only models --models vit_base_patch16_224 \
-  --sizes 224,1024 --modes inference --out "$OUT/models_vit_done_when.json" 2>&1 | tail -8
-# Each SDPA change on its own.
-timeout 60 python benchmarks/sdpa_changes.py --device cuda --out "$OUT/sdpa_changes_cuda.json" 2>&1 | tail -26
-fi
-if [ "$stage" = 2 ]; then
-# The attention-level table (flex variants included) and the remaining model cells.
-timeout 200 python benchmarks/run.py --device cuda --only attention --out "$OUT/attention.json" 2>&1 | tail -20
-timeout 200 python benchmarks/run.py --device cuda --only models --out "$OUT/models.json" 2>&1 | tail -14
-fi
+PY
+  cat COMMIT 2>/dev/null
+} 2>&1 | tee "$OUT/versions.txt"
+# 1. Correctness on CUDA (the CUDA-only tests skip everywhere else).
+tests=$(ls tests/test_flex_auto.py tests/test_kernels.py tests/test_soft.py 2>/dev/null)
+step 150 60 "CUDA tests" python -m pytest -q -p no:cacheprovider -m "" -k "cuda" $tests
+# 2. The done-when figures: timm ViT-B/16 inference at 224 and 1024 px, half the heads masked, bf16.
+step 170 90 "ViT-B/16 done-when" python benchmarks/run.py --device cuda --only models --models vit_base_patch16_224 \
+  --sizes 224,1024 --modes inference --out "$OUT/models_vit_done_when.json"
+# 3. Attention level, forward: every backend and FlexAttention variant at 197/1025/4097 tokens.
+step 160 60 "attention forward" python benchmarks/run.py --device cuda --only attention --tokens 197,1025,4097 \
+  --passes forward --out "$OUT/attention.json"
+# 4. Each SDPA change on its own.
+step 40 25 "SDPA changes" python benchmarks/sdpa_changes.py --device cuda --out "$OUT/sdpa_changes_cuda.json"
+# 5. Training and the other model cells (Swin-T; 512 px), then attention forward+backward.
+step 120 50 "models: training and Swin-T" python benchmarks/run.py --device cuda --only models \
+  --models vit_base_patch16_224,swin_tiny_patch4_window7_224 --sizes 224,512,1024 --modes train,inference \
+  --repeats 10 --max-seconds 8 --out "$OUT/models.json"
+step 100 40 "attention forward+backward" python benchmarks/run.py --device cuda --only attention --tokens 197,1025,4097 \
+  --passes forward+backward --no-flex-variants --out "$OUT/attention_train.json"
+tail -40 "$LOG"
 ls -l "$OUT"
