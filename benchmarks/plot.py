@@ -71,16 +71,18 @@ a quick version and prints the tables.
 """
 
 
-def load(results: Path) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]], list[tuple[str, dict]]]:
-    """``(benchmark results, overhead results, SDPA-change results)`` as ``(file stem, data)``,
-    sorted by file name."""
-    suites, overheads, changes = [], [], []
+def load(results: Path) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]], list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """``(benchmark results, overhead results, SDPA-change results, GPU probes)`` as
+    ``(file stem, data)``, sorted by file name."""
+    suites, overheads, changes, probes = [], [], [], []
     for path in sorted(results.glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and {"env", "attention", "models"} <= set(data):
+        if isinstance(data, dict) and "probe" in data:
+            probes.append((path.stem, data))
+        elif isinstance(data, dict) and {"env", "attention", "models"} <= set(data):
             suites.append((path.stem, data))
         elif isinstance(data, dict) and {"device", "rows"} <= set(data) and all(
             isinstance(row, dict) and {"family", "model", "baseline_s", "patched_s"} <= set(row) for row in data["rows"]
@@ -88,7 +90,7 @@ def load(results: Path) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]],
             overheads.append((path.stem, data))
         elif isinstance(data, dict) and {"env", "rows"} <= set(data) and all("step" in row for row in data["rows"]):
             changes.append((path.stem, data))
-    return suites, overheads, changes
+    return suites, overheads, changes, probes
 
 
 def taken_on(env: dict[str, Any], settings: Optional[dict[str, Any]] = None) -> str:
@@ -117,7 +119,8 @@ def suite_section(stem: str, data: dict[str, Any]) -> list[str]:
     where = taken_on(env, settings)
     attention_png, models_png = figure_names(stem)
     quick = ", quick preset" if settings.get("preset") == "quick" else ""
-    lines = [f"## {env['device']} ({env.get('dtype', '?')}{quick})", "", f"Measured on {where}; results in "
+    levels = " and ".join(level for level in ("attention", "models") if data.get(level)) or "no rows"
+    lines = [f"## {env['device']} ({env.get('dtype', '?')}{quick}): {levels.replace('models', 'whole models')}", "", f"Measured on {where}; results in "
              f"`benchmarks/results/{stem}.json`.", ""]
     if any("ms" in r for r in data["attention"]):
         lines += ["### Attention level", "", f"![Attention level on {env['device']}]({attention_png})", "",
@@ -192,9 +195,45 @@ def changes_section(changes: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def probe_section(probes: list[tuple[str, dict]]) -> list[str]:
+    """Tables of ``benchmarks/gpu_probe.py`` results: candidate arrangements of the masked
+    heads on a GPU, per call and back to back, and inside ViT-B/16."""
+    lines = ["## GPU: which arrangement of the masked heads is fastest", "",
+             "`benchmarks/gpu_probe.py`: candidates against dense SDPA in one process (ratio above 1: faster "
+             "than dense). `single`: each call synchronised, as in the tables above; `back to back`: 20 calls "
+             "between two events, what a model that keeps the GPU queue full sees. Candidates: `split` "
+             "(the `sdpa` kernel: global heads dense, masked heads with the additive mask), `onecall-efficient` / "
+             "`onecall-cudnn` (all heads in one SDPA call with a per-head additive mask, forced onto one SDPA "
+             "backend), `split-cudnn` (masked heads on cuDNN), `flex-b128` / `flex-b64` / `flex-b128-tiles` "
+             "(the `flex` kernel's variants). Error: relative error of one sample against the float64 reference.", ""]
+    for stem, data in probes:
+        lines += [f"Measured on {taken_on(data['env'])}; results in `benchmarks/results/{stem}.json`.", "",
+                  "| tokens (batch) | heads masked | candidate | single ms | single | back to back | error |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in data.get("attention", []):
+            if "ms_single" not in row:
+                lines.append(f"| {row['tokens']} ({row['batch']}) | {row['heads_masked']}/12 | {row['candidate']} | "
+                             f"error: {row.get('error', '?')} | | | |")
+                continue
+            error = row.get("rel_error_vs_float64")
+            lines.append(f"| {row['tokens']} ({row['batch']}) | {row['heads_masked']}/12 | {row['candidate']} | "
+                         f"{row['ms_single']:.3f} | {row['ratio_single']:.2f}x | {row['ratio_back_to_back']:.2f}x | "
+                         f"{f'{error:.1e}' if isinstance(error, float) else (error or '')} |")
+        if data.get("models"):
+            lines += ["", "Whole `vit_base_patch16_224`, inference, half the heads masked, each candidate as the "
+                      "patched layers' kernel:", "",
+                      "| px (batch) | candidate | ms | single | back to back |", "|---|---|---|---|---|"]
+            for row in data["models"]:
+                if "ms_single" in row:
+                    lines.append(f"| {row['image_size']} ({row['batch']}) | {row['candidate']} | {row['ms_single']:.2f} | "
+                                 f"{row['ratio_single']:.3f}x | {row['ratio_back_to_back']:.3f}x |")
+        lines.append("")
+    return lines
+
+
 def render(results: Path) -> str:
     """The Markdown of ``docs/performance.md`` for the results in ``results``."""
-    suites, overheads, changes = load(results)
+    suites, overheads, changes, probes = load(results)
     lines = [HEADER]
     if not suites:
         lines += ["## Results", "", "No results of `benchmarks/run.py` are saved yet: run "
@@ -203,6 +242,8 @@ def render(results: Path) -> str:
         lines += suite_section(stem, data)
     if not any(data["env"].get("device_type") == "cuda" for _, data in suites):
         lines.append(GPU_PENDING)
+    if probes:
+        lines += probe_section(probes)
     if changes:
         lines += changes_section(changes)
     if overheads:
@@ -332,7 +373,7 @@ def draw(results: Path, docs: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    suites, _, _ = load(results)
+    suites, _, _, _ = load(results)
     folder = docs / FIGURES
     folder.mkdir(parents=True, exist_ok=True)
     written = []

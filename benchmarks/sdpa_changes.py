@@ -50,7 +50,8 @@ def steps(mask: LocalMask, device: str) -> dict[str, Callable]:
     def split_contiguous(attn_mask_of):
         def run(q, k, v):
             out = q.new_empty(q.shape[:-1] + v.shape[-1:])
-            out[:, global_] = F.scaled_dot_product_attention(q[:, global_], k[:, global_], v[:, global_])
+            if mask.global_heads:
+                out[:, global_] = F.scaled_dot_product_attention(q[:, global_], k[:, global_], v[:, global_])
             out[:, local] = F.scaled_dot_product_attention(
                 q[:, local], k[:, local], v[:, local], attn_mask=attn_mask_of(q)
             )
