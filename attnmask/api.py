@@ -83,8 +83,6 @@ def apply(
     window = normalize_window(window)
     prefix = check_prefix(prefix)
     mode = check_mode(mode)
-    if mode == "soft":  # TEMPORARY: the kernels do not implement soft mode yet
-        raise NotImplementedError("mode='soft' is not implemented yet")
     resolved_backend = resolve_backend(backend)
     adapter = find_adapter(model)
     accepted = getattr(adapter, "backends", None)
@@ -202,4 +200,4 @@ def _resolved_label(model: nn.Module, adapter, spec: MaskSpec, grid: Optional[tu
     prefix_tokens = adapter.prefix_tokens(model) if hasattr(adapter, "prefix_tokens") else 0
     fraction = max(len(spec.heads[i]) / spec.num_heads[i] for i in spec.masked_layers)
     tokens = prefix_tokens + grid[0] * grid[1]
-    return choose_backend(parameter.device.type, parameter.dtype, tokens, fraction, False)
+    return choose_backend(parameter.device.type, parameter.dtype, tokens, fraction, False, spec.mode)

@@ -272,7 +272,7 @@ class LocalMask:
     def forbidden(self, device=None) -> torch.Tensor:
         """``(num_heads, N, N)`` boolean: True where a masked head may not attend (global
         heads: all False). Cached per (geometry, heads, device), like :meth:`window_mask`;
-        for host code that puts ``-inf`` on its own logits (:func:`mask_logits`)."""
+        for host code that masks its own logits (:func:`mask_logits`)."""
         device = torch.device(device or "cpu")
         if self.positions is not None:
             raise ValueError("LocalMask.forbidden does not support per-sample positions; use window_mask()")
@@ -304,21 +304,29 @@ def restrict(logits: torch.Tensor, allowed: torch.Tensor, mode: str = "hard") ->
         allowed: Boolean, True where the head may attend.
         mode: ``"hard"`` or ``"soft"``.
     """
+    return logits.masked_fill(~allowed, masked_logit(mode))
+
+
+def masked_logit(mode: str) -> float:
+    """The value :func:`restrict` gives a forbidden logit: ``-inf`` (hard) or ``0.0`` (soft)."""
     if mode == "hard":
-        return logits.masked_fill(~allowed, float("-inf"))
+        return float("-inf")
     if mode == "soft":
-        return logits.masked_fill(~allowed, 0.0)
+        return 0.0
     raise ValueError(f"mode={mode!r} is not accepted: expected one of 'hard', 'soft'")
 
 
 def mask_logits(logits: torch.Tensor, mask: LocalMask) -> torch.Tensor:
-    """Put ``-inf`` on the logits (or additive bias) that the masked heads may not use.
+    """Set the logits that the masked heads may not use: ``-inf`` in hard mode, 0 in soft mode
+    (:func:`restrict`, with ``mask.mode``).
 
     For host code that computes attention itself (talking heads, window attention with a
-    position bias): the mask is applied to what the host adds to its logits.
+    position bias). In soft mode ``logits`` must be real logits (CaiT's head-mixed ones): 0 on
+    an additive bias would not zero the logit it is added to, which is why the Swin adapters
+    accept hard mode only.
 
     Args:
-        logits: ``(..., num_heads, N, N)`` attention logits or additive bias.
+        logits: ``(..., num_heads, N, N)`` attention logits (or, hard mode only, additive bias).
         mask: The layer's mask for this geometry (no ``positions``).
 
     Returns:
@@ -327,7 +335,7 @@ def mask_logits(logits: torch.Tensor, mask: LocalMask) -> torch.Tensor:
     """
     if mask.is_identity:
         return logits
-    return logits.masked_fill(mask.forbidden(logits.device), float("-inf"))
+    return logits.masked_fill(mask.forbidden(logits.device), masked_logit(mask.mode))
 
 
 def combine_masks(attn_mask: Optional[torch.Tensor], local: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

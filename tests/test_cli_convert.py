@@ -109,8 +109,9 @@ def test_failure_is_one_line_with_status_1(tmp_path):
 
 
 def test_usage_error_status_2(sources, tmp_path):
-    result = attnmask_cli("convert", sources["hf-vit"], tmp_path / "out", "--heads", "1", "--window", "3", "--mode", "soft")
-    assert result.returncode == 2 and "--mode: invalid choice: 'soft'" in result.stderr and "'hard'" in result.stderr
+    result = attnmask_cli("convert", sources["hf-vit"], tmp_path / "out", "--heads", "1", "--window", "3", "--mode", "fuzzy")
+    assert result.returncode == 2 and "--mode: invalid choice: 'fuzzy'" in result.stderr
+    assert "'hard'" in result.stderr and "'soft'" in result.stderr
 
 
 def test_help_reads_like_the_docs():
@@ -242,6 +243,26 @@ def test_saved_masks_are_kept_or_replaced(sources, tmp_path, capsys):
     config = json.loads((tmp_path / "wider" / "config.json").read_text())
     assert config["attnmask"]["window"] == [5, 5] and config["attnmask"]["auto_apply"] is False
     assert "attn_implementation" not in config
+
+
+def test_soft_mode_is_saved_kept_and_replaced(sources, tmp_path, capsys):
+    """``--mode soft`` converts and round-trips; re-converting keeps the saved mode unless
+    ``--mode`` replaces it."""
+    code, _, err = convert(capsys, sources["timm-vit"], tmp_path / "soft", "--heads", "2", "--window", "3", "--mode", "soft")
+    assert code == 0, err
+    assert json.loads((tmp_path / "soft" / "config.json").read_text())["attnmask"]["mode"] == "soft"
+    case = BY_ID["timm-vit"]
+    expected = forward(attnmask.apply(case.build(), heads=2, window=3, mode="soft"), images(case))
+    loaded = attnmask.from_pretrained(tmp_path / "soft").eval()
+    assert attnmask.get_spec(loaded).mode == "soft"
+    for name, tensor in forward(loaded, images(case)).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6)
+    code, _, err = convert(capsys, tmp_path / "soft", tmp_path / "kept")
+    assert code == 0, err
+    assert json.loads((tmp_path / "kept" / "config.json").read_text())["attnmask"]["mode"] == "soft"
+    code, _, err = convert(capsys, tmp_path / "soft", tmp_path / "hard", "--mode", "hard")
+    assert code == 0, err
+    assert json.loads((tmp_path / "hard" / "config.json").read_text())["attnmask"]["mode"] == "hard"
 
 
 # -- in-process: push and inspect ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from ..spec import MODES
 from . import parse_heads, parse_window
 
 DESCRIPTION = """\
@@ -31,8 +32,8 @@ nothing behind. Load it with attnmask.from_pretrained(OUT); Hugging Face folders
 masked with transformers' AutoModel*.from_pretrained(OUT) once attnmask is imported, and timm
 folders load (unmasked) with timm.create_model("local-dir:OUT", pretrained=True).
 
-If SOURCE was itself saved by attnmask, its masks are kept unless --heads, --window or
---prefix replace them; otherwise --heads and --window are required.
+If SOURCE was itself saved by attnmask, its masks are kept unless --heads, --window,
+--prefix or --mode replace them; otherwise --heads and --window are required.
 """
 
 EPILOG = """\
@@ -78,9 +79,10 @@ def add_parser(commands) -> None:
     )
     convert.add_argument(
         "--mode",
-        choices=("hard",),
-        default="hard",
-        help="mask mode; 'hard' (zero attention outside the window) is the only one so far",
+        choices=MODES,
+        help="mask mode: 'hard' (default: logits outside the window are -inf, zero attention there; "
+        "strictly local, sparse kernels) or 'soft' (the paper's Eq. 2: they are set to 0, so out-of-window "
+        "keys keep a little weight; computed densely; not for Swin models)",
     )
     convert.add_argument("--revision", metavar="REV", help="Hub revision of SOURCE (branch, tag or commit)")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only a model folder or an empty folder)")
@@ -146,7 +148,7 @@ def convert(args: argparse.Namespace, progress: Callable[[str], None]) -> Path:
         missing = " and ".join(name for name, value in (("--heads", args.heads), ("--window", args.window)) if value is None)
         verb = "are" if " and " in missing else "is"
         raise UsageError(f"{missing} {verb} required: {args.source} has no saved masks (e.g. --heads 0.5 --window 7)")
-    overrides = dict(heads=args.heads, window=args.window, prefix=args.prefix)
+    overrides = dict(heads=args.heads, window=args.window, prefix=args.prefix, mode=args.mode)
 
     progress(f"Checking {src.library} {src.config.get('architecture') or src.config.get('model_type')} from config.json ...")
     host, empty = check_source(src)  # unsupported architecture or bad saved masks: exit 1

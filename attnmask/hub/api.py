@@ -12,7 +12,7 @@ from torch import nn
 
 from ..adapters import find_adapter
 from ..api import get_spec
-from ..spec import Heads, check_prefix, normalize_window
+from ..spec import Heads, check_mode, check_prefix, normalize_window
 from . import hf_io, timm_io
 from .apply import apply_saved
 from .card import render
@@ -39,8 +39,8 @@ def host_of(family: str) -> str:
 def check_source(src: Source, **overrides: Any) -> tuple[ModuleType, nn.Module]:
     """Check ``src`` from its ``config.json`` alone, before any weights are fetched.
 
-    ``overrides`` (``heads``, ``window``, ``prefix``, ``backend``) replace the saved masks'
-    fields, as in :func:`from_pretrained`: saved masks that do not fit are no error when the
+    ``overrides`` (``heads``, ``window``, ``prefix``, ``backend``, ``mode``) replace the saved
+    masks' fields, as in :func:`from_pretrained`: saved masks that do not fit are no error when the
     override replaces them.
 
     Returns:
@@ -153,6 +153,7 @@ def from_pretrained(
     window: Any = None,
     prefix: Optional[str] = None,
     backend: Optional[str] = None,
+    mode: Optional[str] = None,
     revision: Optional[str] = None,
     **kwargs: Any,
 ) -> nn.Module:
@@ -162,11 +163,13 @@ def from_pretrained(
         source: A local folder, a Hub repo id (``org/name``), ``hf-hub:org/name``,
             ``timm/<name>`` or a timm model name (its Hub weights); ``@revision`` may follow
             a Hub id. Folders written by :func:`save_pretrained` come back masked; others
-            come back unmasked unless ``heads``/``window``/``prefix`` are given.
+            come back unmasked unless ``heads``/``window``/``prefix``/``mode`` are given.
         heads: Replaces the saved heads (any form :func:`attnmask.apply` accepts).
         window: Replaces the saved window.
         prefix: Replaces the saved prefix policy.
         backend: Replaces the saved backend.
+        mode: Replaces the saved mask mode: ``"hard"`` (``-inf`` outside the window) or
+            ``"soft"`` (0 outside the window, the paper's Eq. 2).
         revision: Hub revision (branch, tag or commit).
         **kwargs: Passed to the host's loader: the ``from_pretrained`` of the class named in
             ``config.json`` (e.g. ``dtype``, ``attn_implementation``) or
@@ -187,11 +190,13 @@ def from_pretrained(
         normalize_window(window)
     if prefix is not None:
         check_prefix(prefix)
+    if mode is not None:
+        check_mode(mode)
     src = open_source(source, revision)
-    host, _ = check_source(src, heads=heads, window=window, prefix=prefix, backend=backend)
+    host, _ = check_source(src, heads=heads, window=window, prefix=prefix, backend=backend, mode=mode)
     folder = src.fetch_weights()
     model = host.load(folder, src.config, **kwargs)
-    apply_saved(model, src.saved, src.config_path, heads=heads, window=window, prefix=prefix, backend=backend)
+    apply_saved(model, src.saved, src.config_path, heads=heads, window=window, prefix=prefix, backend=backend, mode=mode)
     model.__dict__[BASE_MODEL] = src.base_model
     config = getattr(model, "config", None)
     if config is not None and src.library == "transformers":

@@ -20,6 +20,7 @@ def apply_saved(
     window: Any = None,
     prefix: Optional[str] = None,
     backend: Optional[str] = None,
+    mode: Optional[str] = None,
 ) -> nn.Module:
     """Apply ``saved``'s masks to ``model``, each field replaced by an override that is not ``None``.
 
@@ -34,12 +35,14 @@ def apply_saved(
         window: Replaces the saved window.
         prefix: Replaces the saved prefix policy.
         backend: Replaces the saved backend.
+        mode: Replaces the saved mask mode (``"hard"`` or ``"soft"``).
 
     Raises:
         ValueError: If the saved masks do not fit ``model`` (naming ``where``), or an override
             is not accepted (naming the argument).
     """
-    overrides = {k: v for k, v in dict(heads=heads, window=window, prefix=prefix, backend=backend).items() if v is not None}
+    overrides = dict(heads=heads, window=window, prefix=prefix, backend=backend, mode=mode)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if saved is None:
         return apply(model, **overrides) if overrides else model
     spec = saved.spec

@@ -1,9 +1,10 @@
 """``backend="auto"``: the backend the benchmarks found fastest, chosen per call.
 
-Each call looks at what decides speed: device, dtype, token count, the fraction of heads
-masked, and whether it is training (gradients flowing, or dropout on). The first matching
-row of :data:`AUTO_TABLE` names the backend. The rows and the measurements they rest on are
-below; ``benchmarks/run.py`` re-measures them (``docs/performance.md`` shows the results).
+Each call looks at what decides speed: the mask mode, device, dtype, token count, the
+fraction of heads masked, and whether it is training (gradients flowing, or dropout on). The
+first matching row of :data:`AUTO_TABLE` names the backend. The rows and the measurements
+they rest on are below; ``benchmarks/run.py`` re-measures them (``docs/performance.md``
+shows the results). Soft mode always runs on SDPA (it has no sparsity to exploit).
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ CPU_EVIDENCE_FLEX = (
     "tokens and below FlexAttention lost (0.91x / 0.78x against SDPA's 1.05x / 0.90x). Whole timm "
     "ViT-B/16 at 1024 px, inference: auto 1.18x the unpatched throughput, sdpa 0.99x. No backward on CPU."
 )
+SOFT_EVIDENCE = (
+    "Soft mode (the paper's Eq. 2: forbidden logits set to 0, not -inf) lets every key contribute, so "
+    "no block is skippable and FlexAttention's block sparsity has nothing to gain; it would run "
+    "densely with a score_mod, and it has no dropout and no CPU backward. SDPA's backend runs the "
+    "masked heads with explicit dense math (any device, dtype, training) and keeps global heads on "
+    "the dense SDPA path. Not measured: a reasoned choice, not a benchmark."
+)
 CPU_EVIDENCE_SDPA = (
     "CPU below 2305 tokens, in training (FlexAttention has no CPU backward) and in dtypes other than "
     "float32 (not measured): SDPA with the cached additive mask, 0.75x-1.05x dense SDPA at 197-1025 tokens "
@@ -42,6 +50,7 @@ class AutoRule:
         min_tokens: Smallest token count the row applies to.
         min_fraction: Smallest fraction of masked heads the row applies to.
         training: ``True``/``False`` for training/inference only, ``None`` for both.
+        modes: Mask modes (``"hard"``, ``"soft"``) the row applies to, or ``None`` for both.
         options: Keyword arguments for the kernel (e.g. FlexAttention's ``block_size``).
         evidence: The measurement the row rests on.
     """
@@ -52,12 +61,16 @@ class AutoRule:
     min_tokens: int = 0
     min_fraction: float = 0.0
     training: Optional[bool] = None
+    modes: Optional[tuple[str, ...]] = None
     options: tuple[tuple[str, Any], ...] = ()
     evidence: str = ""
 
-    def matches(self, device: str, dtype: torch.dtype, tokens: int, fraction: float, training: bool) -> bool:
+    def matches(
+        self, device: str, dtype: torch.dtype, tokens: int, fraction: float, training: bool, mode: str = "hard"
+    ) -> bool:
         return (
-            (self.device is None or self.device == device)
+            (self.modes is None or mode in self.modes)
+            and (self.device is None or self.device == device)
             and (self.dtypes is None or dtype in self.dtypes)
             and tokens >= self.min_tokens
             and fraction >= self.min_fraction
@@ -66,6 +79,7 @@ class AutoRule:
 
 
 AUTO_TABLE: tuple[AutoRule, ...] = (
+    AutoRule("sdpa", modes=("soft",), evidence=SOFT_EVIDENCE),
     AutoRule(
         "flex",
         device="cpu",
@@ -93,21 +107,26 @@ AUTO_TABLE: tuple[AutoRule, ...] = (
         evidence="Everything else: SDPA with the additive mask; global heads on the dense (flash) path.",
     ),
 )
-"""The choice table, first match wins. Training on CUDA stays on SDPA until the backward
-pass of FlexAttention has been measured against it."""
+"""The choice table, first match wins. Soft mode goes to SDPA first of all (dense by
+definition). Training on CUDA stays on SDPA until the backward pass of FlexAttention has been
+measured against it."""
 
 
-def choose_rule(device: str, dtype: torch.dtype, tokens: int, fraction: float, training: bool) -> AutoRule:
+def choose_rule(
+    device: str, dtype: torch.dtype, tokens: int, fraction: float, training: bool, mode: str = "hard"
+) -> AutoRule:
     """The first row of :data:`AUTO_TABLE` that matches one call."""
     for rule in AUTO_TABLE:
-        if rule.matches(device, dtype, tokens, fraction, training):
+        if rule.matches(device, dtype, tokens, fraction, training, mode):
             return rule
     return AUTO_TABLE[-1]
 
 
-def choose_backend(device: str, dtype: torch.dtype, tokens: int, fraction: float, training: bool) -> str:
+def choose_backend(
+    device: str, dtype: torch.dtype, tokens: int, fraction: float, training: bool, mode: str = "hard"
+) -> str:
     """The backend :data:`AUTO_TABLE` picks for one call (first matching row)."""
-    return choose_rule(device, dtype, tokens, fraction, training).backend
+    return choose_rule(device, dtype, tokens, fraction, training, mode).backend
 
 
 def auto_rule(
@@ -123,7 +142,7 @@ def auto_rule(
         return AUTO_TABLE[-1]
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
     fraction = len(mask.heads) / mask.num_heads
-    return choose_rule(q.device.type, q.dtype, q.shape[-2], fraction, training)
+    return choose_rule(q.device.type, q.dtype, q.shape[-2], fraction, training, mask.mode)
 
 
 def auto_choice(

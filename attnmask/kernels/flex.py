@@ -17,6 +17,13 @@ Two knobs change how much work the block mask can skip (:data:`FLEX_VARIANTS`):
   and the always-visible prefix tokens share one small block; q, k, v are gathered into that
   order and the output is gathered back.
 
+Soft mode (``mask.mode == "soft"``, the paper's Eq. 2) has no sparsity to exploit: every key
+contributes. Its masked heads run FlexAttention without a block mask, in the host's token
+order (``block_size`` and ``order`` are ignored), with a ``score_mod`` that sets the scores
+of forbidden keys to 0 (the ``score`` FlexAttention hands a ``score_mod`` is already scaled)
+and then adds the host's mask. It is exact, but no faster than dense attention; ``"auto"``
+runs soft mode on SDPA.
+
 FlexAttention has no backward on CPU (torch says so when asked); use ``"sdpa"`` to train on
 CPU. Dropout is not supported by FlexAttention.
 """
@@ -75,7 +82,8 @@ def flex_attention(
         v: Values ``(batch, heads, tokens, head_dim_v)``.
         mask: The layer's :class:`~attnmask.masks.LocalMask` for this input size. With
             per-sample ``positions`` the block mask is built per call (it changes every
-            forward) and ``order`` is ignored.
+            forward) and ``order`` is ignored. In soft mode (``mask.mode``) there is no block
+            mask and ``block_size`` and ``order`` are ignored (see the module docstring).
         attn_mask: The host model's own mask (boolean, or additive such as a relative
             position bias), added to the masked heads' scores through a ``score_mod``.
         dropout_p: Must be 0 (FlexAttention has no dropout).
@@ -109,7 +117,8 @@ def flex_attention(
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if compiled is None:
         compiled = not torch.compiler.is_compiling() and (q.device.type != "cpu" or q.dtype in CPU_COMPILED_DTYPES)
-    if mask.positions is not None:
+    soft = mask.mode == "soft"
+    if mask.positions is not None or soft:
         order = "rows"
 
     def masked_heads(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, host: Optional[torch.Tensor]) -> torch.Tensor:
@@ -117,9 +126,16 @@ def flex_attention(
         perm = None if orders is None else orders[0]
         if perm is not None:
             q_, k_, v_ = (t.index_select(2, perm) for t in (q_, k_, v_))
-        blocks = block_mask(mask, block_size, order, q_.device, perm)
         score_mod = None if host is None else host_score_mod(host, q_.dtype, perm, q_.shape[-2])
+        if soft:  # dense: every key contributes, so a block mask would skip nothing
+            blocks = None
+            score_mod = soft_score_mod(window_mod(mask, q_.device), score_mod)
+        else:
+            blocks = block_mask(mask, block_size, order, q_.device, perm)
         arguments = dict(score_mod=score_mod, block_mask=blocks, scale=scale)
+        if blocks is not None and q_.is_cuda and block_size != DEFAULT_BLOCK_SIZE:
+            # The CUDA kernel's tiles must divide the block mask's blocks (its default is 128).
+            arguments["kernel_options"] = {"BLOCK_M": block_size, "BLOCK_N": block_size}
         if torch.compiler.is_compiling():
             out = _flex_attention(q_, k_, v_, **arguments)
         elif not compiled:
@@ -231,7 +247,7 @@ def block_mask(
     """
     num_tokens = mask.num_tokens
     if mask.positions is not None:
-        mask_mod = at_positions(mask.window_mod(), mask.positions.to(device))
+        mask_mod = window_mod(mask, device)
         return create_block_mask(mask_mod, int(mask.positions.shape[0]), None, num_tokens, num_tokens, device, block_size)
 
     def build() -> BlockMask:
@@ -244,6 +260,25 @@ def block_mask(
         return build()
     key = ("flex-blocks", mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block_size, order, device)
     return cached(key, build)
+
+
+def window_mod(mask: LocalMask, device: torch.device) -> MaskMod:
+    """The window ``mask_mod`` of a masked head, read at per-sample ``positions`` if any."""
+    if mask.positions is None:
+        return mask.window_mod()
+    return at_positions(mask.window_mod(), mask.positions.to(device))
+
+
+def soft_score_mod(window: MaskMod, host: Optional[Callable] = None) -> Callable:
+    """A soft-mode ``score_mod``: the (already scaled) score where ``window`` allows
+    attention, 0 elsewhere (:func:`~attnmask.masks.restrict` in ``"soft"`` mode), then
+    ``host`` (a ``score_mod`` adding the host's mask) if given."""
+
+    def soft_window(score, b, h, q_idx, kv_idx):
+        score = torch.where(window(b, h, q_idx, kv_idx), score, torch.zeros_like(score))
+        return score if host is None else host(score, b, h, q_idx, kv_idx)
+
+    return soft_window
 
 
 def _permuted(mask_mod: MaskMod, perm: torch.Tensor) -> MaskMod:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..masks import LocalMask
+from ..masks import LocalMask, restrict
 
 
 def reference_attention(
@@ -19,11 +19,14 @@ def reference_attention(
     dropout_p: float = 0.0,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """``softmax(q k^T * scale + host mask, masked by the locality mask) v`` in float64.
+    """``softmax(restrict(q k^T * scale) + host mask) v`` in float64.
 
-    The locality mask is the dense evaluation of the layer's per-head ``mask_mod`` (see
-    :mod:`attnmask.masks`), so this checks every other backend against the one definition.
-    The result is cast back to ``q``'s dtype. Dropout is not supported (it is random).
+    ``restrict`` (:func:`attnmask.masks.restrict`) applies the locality mask in the layer's
+    ``mask.mode``: forbidden logits become ``-inf`` (hard) or 0 (soft), before the host's own
+    mask or bias is added. The locality mask is the dense evaluation of the layer's per-head
+    ``mask_mod`` (see :mod:`attnmask.masks`), so this checks every other backend against the
+    one definition. The result is cast back to ``q``'s dtype. Dropout is not supported (it is
+    random).
 
     Args:
         q: Queries ``(batch, heads, tokens, head_dim)``.
@@ -38,12 +41,10 @@ def reference_attention(
         raise ValueError(f"dropout_p={dropout_p!r} is not accepted by the reference backend: it is deterministic (use 0.0)")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q64, k64, v64 = q.double(), k.double(), v.double()
-    logits = (q64 @ k64.transpose(-2, -1)) * scale
+    logits = restrict((q64 @ k64.transpose(-2, -1)) * scale, mask.dense(q.device), mask.mode)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             logits = logits.masked_fill(~attn_mask, float("-inf"))
         else:
             logits = logits + attn_mask.double()
-    allowed = mask.dense(q.device)
-    logits = logits.masked_fill(~allowed, float("-inf"))
     return (logits.softmax(dim=-1) @ v64).to(q.dtype)

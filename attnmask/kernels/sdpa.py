@@ -1,4 +1,10 @@
-"""Masked attention on torch's ``scaled_dot_product_attention``."""
+"""Masked attention on torch's ``scaled_dot_product_attention``.
+
+Hard mode (the default) runs the masked heads through SDPA with an additive ``-inf`` window
+mask. Soft mode cannot: SDPA's mask is *added* to the logits, and setting a logit to 0 is no
+addition. Its masked heads run :func:`soft_attention`, the explicit product; global heads take
+the same dense SDPA path in both modes.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..masks import LocalMask, combine_masks
+from ..masks import LocalMask, combine_masks, restrict
 from .common import head_index, heads_of_mask
 
 MaskedPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -28,9 +34,10 @@ def sdpa_attention(
 
     Global heads go through SDPA exactly as the host would call it (no locality mask, so the
     flash kernel where the device has one), and their outputs are bit-for-bit the unpatched
-    ones. Masked heads go through SDPA with the cached additive window mask (in ``q``'s
-    dtype, rows padded to an aligned stride, so SDPA neither converts nor copies it per
-    call), combined with the host's ``attn_mask`` when there is one. When the mask restricts
+    ones. In hard mode masked heads go through SDPA with the cached additive window mask (in
+    ``q``'s dtype, rows padded to an aligned stride, so SDPA neither converts nor copies it
+    per call), combined with the host's ``attn_mask`` when there is one. In soft mode they
+    run :func:`soft_attention` (explicit, dense; differentiable). When the mask restricts
     nothing (no masked heads, or a window covering the grid) this is plain SDPA.
 
     Args:
@@ -51,6 +58,8 @@ def sdpa_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
     def masked_heads(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, host: Optional[torch.Tensor]) -> torch.Tensor:
+        if mask.mode == "soft":
+            return soft_attention(q_, k_, v_, mask.window_mask(q_.device), host, dropout_p=dropout_p, scale=scale)
         return F.scaled_dot_product_attention(
             q_, k_, v_, attn_mask=locality_mask(mask, host, q_), dropout_p=dropout_p, scale=scale
         )
@@ -66,6 +75,45 @@ def locality_mask(mask: LocalMask, host: Optional[torch.Tensor], q: torch.Tensor
     if host is None and q.dtype.is_floating_point:
         return mask.additive_mask(q.device, q.dtype)
     return combine_masks(host, mask.window_mask(q.device), q.dtype)
+
+
+def soft_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    host: Optional[torch.Tensor] = None,
+    *,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Soft-mode attention of masked heads: ``softmax(M * (q k^T * scale) + host) v``.
+
+    Forbidden logits are set to 0 (:func:`~attnmask.masks.restrict` in ``"soft"`` mode)
+    before the host's mask or bias is added. Every key contributes, so this is dense work:
+    the logits, softmax and weighted sum are computed in ``q``'s dtype promoted to at least
+    float32 (half-precision inputs are upcast; the output is cast back). Plain autograd
+    operations, so it trains.
+
+    Args:
+        q: Queries ``(batch, heads, tokens, head_dim)`` of the masked heads.
+        k: Keys, same shape as ``q``.
+        v: Values ``(batch, heads, tokens, head_dim_v)``.
+        allowed: Boolean window mask broadcastable to ``(batch, heads, tokens, tokens)``
+            (True where a masked head may attend).
+        host: The host's mask for these heads (boolean, True = attend, or additive), or ``None``.
+        dropout_p: Dropout probability on the attention weights (as SDPA applies it).
+        scale: Softmax scale; ``None`` means ``head_dim ** -0.5``.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    logits = restrict((q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale, allowed, "soft")
+    if host is not None:
+        logits = logits.masked_fill(~host, float("-inf")) if host.dtype == torch.bool else logits + host.to(dtype)
+    weights = logits.softmax(dim=-1)
+    if dropout_p:
+        weights = F.dropout(weights, p=dropout_p)
+    return (weights @ v.to(dtype)).to(q.dtype)
 
 
 def split_heads(
@@ -91,16 +139,19 @@ def split_heads(
     local_heads = head_index(mask.heads)
     global_heads = head_index(mask.global_heads)
     batch, _, tokens, _ = q.shape
-    out = q.new_empty(batch, tokens, num_heads, v.shape[-1]).transpose(1, 2)
-    out[:, global_heads] = F.scaled_dot_product_attention(
+    # Written through the (batch, tokens, heads, dim) buffer itself, not its transposed view:
+    # autograd rejects an index_put_ on a view of a buffer that an earlier write made require
+    # grad ("a leaf Variable that requires grad is being used in an in-place operation").
+    out = q.new_empty(batch, tokens, num_heads, v.shape[-1])
+    out[:, :, global_heads] = F.scaled_dot_product_attention(
         q[:, global_heads],
         k[:, global_heads],
         v[:, global_heads],
         attn_mask=heads_of_mask(attn_mask, global_heads, num_heads),
         dropout_p=dropout_p,
         scale=scale,
-    )
-    out[:, local_heads] = masked_path(
+    ).transpose(1, 2)
+    out[:, :, local_heads] = masked_path(
         q[:, local_heads], k[:, local_heads], v[:, local_heads], heads_of_mask(attn_mask, local_heads, num_heads)
-    )
-    return out
+    ).transpose(1, 2)
+    return out.transpose(1, 2)
