@@ -13,6 +13,7 @@ from .adapters import supported
 from .api import apply, describe, get_spec, is_patched, remove
 from .hub import from_pretrained, save_pretrained
 from .hub.hooks import register as _register_transformers_hook
+from .locality import locality_scores, suggest_heads
 from .masks import LocalMask, local_window
 from .report import MaskReport
 from .spec import MaskSpec
@@ -32,7 +33,9 @@ __all__ = [
     "get_spec",
     "is_patched",
     "local_window",
+    "locality_scores",
     "remove",
     "save_pretrained",
+    "suggest_heads",
     "supported",
 ]

@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
 from ..kernels import get_kernel
+from ..kernels.record import is_recording
 from ..spec import LayerPlan
 from . import Site
 from .swap import ClassSwapAdapter
@@ -56,8 +57,9 @@ class MaskedMultiheadAttention(nn.MultiheadAttention):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         plan = self._attnmask_plan
         mask = plan.local_mask(self._attnmask_grid, CLASS_TOKENS)
-        if mask.is_identity:
-            # Nothing is restricted: the parent (and its fused fast path) is exact.
+        if mask.is_identity and not is_recording():
+            # Nothing is restricted: the parent (and its fused fast path) is exact. While
+            # attention is recorded (locality_scores), the kernel must see every layer.
             return super().forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )

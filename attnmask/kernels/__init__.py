@@ -78,7 +78,15 @@ def resolve_backend(backend: str) -> str:
 
 
 def get_kernel(name: str) -> Callable[..., torch.Tensor]:
-    """The kernel registered under ``name`` (a resolved backend, not ``"auto"``)."""
+    """The kernel registered under ``name`` (a resolved backend, not ``"auto"``).
+
+    While attention is recorded in this thread (:func:`attnmask.kernels.record.recording`,
+    used by :func:`attnmask.locality_scores`), the recording kernel instead, whatever ``name``.
+    """
+    from . import record  # imported here: the check must not reorder this module's imports
+
+    if record.is_recording():
+        return record.recording_attention
     return KERNELS[name]
 
 
