@@ -215,7 +215,6 @@ def model_level(device: str, dtype, sizes, rounds: int, names) -> list[dict]:
             print(f"model {size:>4} px b{batch:<3} {name:<18} "
                   + (f"{res['ms_single']:.3f} ms ({row['ratio_single']:.3f}x)  b2b {res['ms_back_to_back']:.3f} ms "
                      f"({row['ratio_back_to_back']:.3f}x)" if "ms_single" in res else res["error"]), flush=True)
-        del model, patched
     return rows
 
 
