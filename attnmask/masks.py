@@ -269,6 +269,26 @@ class LocalMask:
         key = ("additive", self.grid, self.window, self.prefix_tokens, self.prefix, dtype, device)
         return cached(key, build)
 
+    def head_additive_mask(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Additive mask of every head at once: ``(1, num_heads, N, N)``, 0 everywhere on
+        global heads and :meth:`additive_mask` on masked heads (rows padded to a multiple of
+        16 elements). For running all heads in one SDPA call. Cached per (geometry, heads,
+        dtype, device); not for per-sample :attr:`positions`."""
+        device = torch.device(device or "cpu")
+        if self.positions is not None:
+            raise ValueError("LocalMask.head_additive_mask does not support per-sample positions; use window_mask()")
+        n = self.full_tokens
+
+        def build() -> torch.Tensor:
+            padded = torch.zeros(self.num_heads, n, -(-n // ALIGN) * ALIGN, dtype=dtype, device=device)
+            padded[list(self.heads), :, :n] = self.additive_mask(device, dtype)
+            return padded[None, :, :, :n]
+
+        if torch.compiler.is_compiling():
+            return build()
+        key = ("head-additive", self.grid, self.window, self.prefix_tokens, self.prefix, self.num_heads, self.heads, dtype, device)
+        return cached(key, build)
+
     def forbidden(self, device=None) -> torch.Tensor:
         """``(num_heads, N, N)`` boolean: True where a masked head may not attend (global
         heads: all False). Cached per (geometry, heads, device), like :meth:`window_mask`;

@@ -51,6 +51,10 @@ def auto_attention(
     """Run the backend (and its options) that :func:`~attnmask.kernels.auto.auto_rule` picks
     for this call."""
     rule = auto_rule(q, mask, dropout_p, k, v)
+    if rule.backend == "flex" and rule.training and attn_mask is not None:
+        # Gradients through a host bias captured by FlexAttention's score_mod are not measured
+        # (nor tested on CUDA): training with a host mask stays on SDPA.
+        rule = AUTO_TABLE[-1]
     return KERNELS[rule.backend](q, k, v, mask, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, **dict(rule.options))
 
 

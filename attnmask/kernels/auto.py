@@ -32,6 +32,27 @@ SOFT_EVIDENCE = (
     "masked heads with explicit dense math (any device, dtype, training) and keeps global heads on "
     "the dense SDPA path. Not measured: a reasoned choice, not a benchmark."
 )
+CUDA_EVIDENCE_FLEX = (
+    "H100, bf16, torch 2.11, 12 heads x 64, 7x7 window, class token, forward "
+    "(benchmarks/results/gpu_probe_h100.json; ratio to dense flash SDPA, per call / back to back): "
+    "1025 tokens, half the heads masked: FlexAttention with 64-token blocks 0.82x / 0.68x, SDPA split "
+    "0.76x / 0.63x, 128-token blocks 0.56x / 0.51x; 4097 tokens, half: 0.85x / 0.91x vs SDPA 0.77x / 0.71x; "
+    "all: 0.92x / 1.22x vs 0.73x / 0.62x. Whole timm ViT-B/16 at 1024 px, half the heads masked: 0.966x "
+    "the unpatched throughput with 64-token blocks, SDPA split 0.823x, 128-token blocks 0.840x."
+)
+CUDA_EVIDENCE_FLEX_TRAIN = (
+    "H100, bf16, torch 2.11, forward+backward (benchmarks/results/nvidia-h100-80gb-hbm3.json): 4097 "
+    "tokens, FlexAttention (128-token blocks) 0.71x / 0.99x dense with half / all heads masked, SDPA 0.60x / "
+    "0.56x; at 1025 tokens SDPA wins (0.49x / 0.65x vs 0.45x / 0.56x). ViT-B/16 training step at 1024 px: "
+    "flex 0.87x the unpatched model, sdpa 0.80x (benchmarks/results/h100-logs/call1-device_check.log)."
+)
+CUDA_EVIDENCE_ONE_CALL = (
+    "H100, bf16, torch 2.11, below 1025 tokens (benchmarks/results/gpu_probe_h100.json): 197 tokens, half "
+    "the heads masked: every head in one cuDNN SDPA call with a per-head additive mask 0.90x / 0.63x dense "
+    "(per call / back to back), the split path 0.67x / 0.49x; all heads masked: 0.78x / 0.62x vs 0.98x / "
+    "0.63x. Whole timm ViT-B/16 at 224 px, half masked: 0.936x the unpatched throughput, split 0.902x, "
+    "FlexAttention 0.71x-0.76x."
+)
 CPU_EVIDENCE_SDPA = (
     "CPU below 2305 tokens, in training (FlexAttention has no CPU backward) and in dtypes other than "
     "float32 (not measured): SDPA with the cached additive mask, 0.75x-1.05x dense SDPA at 197-1025 tokens "
@@ -96,11 +117,17 @@ AUTO_TABLE: tuple[AutoRule, ...] = (
         dtypes=(torch.bfloat16, torch.float16),
         min_tokens=1025,
         training=False,
-        evidence=(
-            "H100, bf16, 12 heads x 64, 7x7 window, forward, as reported in issue 4 (not re-measured "
-            "by benchmarks/run.py: no GPU lent yet): 1025 tokens FlexAttention 0.81 ms vs SDPA + boolean "
-            "mask 1.24 ms; 4097 tokens 0.72 ms vs 2.22 ms; at 197 tokens SDPA wins (0.59 vs 0.73 ms)."
-        ),
+        options=(("block_size", 64),),
+        evidence=CUDA_EVIDENCE_FLEX,
+    ),
+    AutoRule("flex", device="cuda", min_tokens=4097, training=True, evidence=CUDA_EVIDENCE_FLEX_TRAIN),
+    AutoRule(
+        "sdpa",
+        device="cuda",
+        dtypes=(torch.bfloat16, torch.float16),
+        training=False,
+        options=(("one_call", True),),
+        evidence=CUDA_EVIDENCE_ONE_CALL,
     ),
     AutoRule(
         "sdpa",
@@ -108,8 +135,9 @@ AUTO_TABLE: tuple[AutoRule, ...] = (
     ),
 )
 """The choice table, first match wins. Soft mode goes to SDPA first of all (dense by
-definition). Training on CUDA stays on SDPA until the backward pass of FlexAttention has been
-measured against it."""
+definition). The CUDA rows rest on one H100 (torch 2.11, bf16); other GPUs and dtypes take
+the same rows unmeasured. None of them reaches the unpatched model's throughput at 224 or 1024
+px (0.94x and 0.97x at best, see the evidence): closing that gap needs a fused kernel."""
 
 
 def choose_rule(
