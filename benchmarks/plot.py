@@ -105,6 +105,8 @@ def taken_on(env: dict[str, Any], settings: Optional[dict[str, Any]] = None) -> 
         parts.append(f"{settings['preset']} preset")
     if env.get("date"):
         parts.append(env["date"][:10])
+    if env.get("git_commit") and env.get("device_type") == "cuda":
+        parts.append(f"commit {env['git_commit']}")
     return ", ".join(parts)
 
 
@@ -122,6 +124,8 @@ def suite_section(stem: str, data: dict[str, Any]) -> list[str]:
     levels = " and ".join(level for level in ("attention", "models") if data.get(level)) or "no rows"
     lines = [f"## {env['device']} ({env.get('dtype', '?')}{quick}): {levels.replace('models', 'whole models')}", "", f"Measured on {where}; results in "
              f"`benchmarks/results/{stem}.json`.", ""]
+    if env.get("note"):
+        lines += [f"Note: {env['note']}", ""]
     if any("ms" in r for r in data["attention"]):
         lines += ["### Attention level", "", f"![Attention level on {env['device']}]({attention_png})", "",
                   f"*Masked attention vs dense SDPA (ratio above 1: faster than dense). {where}.*", "",
