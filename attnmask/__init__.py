@@ -6,9 +6,14 @@ patch token attends only to its ``k x k`` neighbourhood while prefix tokens stay
 by the adapter of a model that comes from them. ``attnmask.save_pretrained`` and
 ``attnmask.from_pretrained`` save and load masked models as Hub folders; once attnmask is
 imported, transformers' own ``from_pretrained`` loads such folders masked too (a post-import
-hook, see :mod:`attnmask.hub.hooks`).
+hook, see :mod:`attnmask.hub.hooks`). The paper's tools: head schedules
+(``heads="mait"``, :mod:`attnmask.schedules`), ``mode="soft"`` (its Eq. 2),
+``attnmask.locality_scores`` / ``attnmask.suggest_heads`` (the Attention Locality Score and
+its search rule), ``import attnmask.models`` (MaiT models in timm's registry) and
+:mod:`attnmask.plot` (pictures; needs matplotlib).
 """
 
+from . import schedules
 from .adapters import supported
 from .api import apply, describe, get_spec, is_patched, remove
 from .hub import from_pretrained, save_pretrained
@@ -36,6 +41,7 @@ __all__ = [
     "locality_scores",
     "remove",
     "save_pretrained",
+    "schedules",
     "suggest_heads",
     "supported",
 ]

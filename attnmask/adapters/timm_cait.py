@@ -7,8 +7,8 @@ token joins only later, in the class-attention layers (``ClassAttn`` in
 prefix tokens. Class-attention layers are left global (``describe()`` says so).
 
 :class:`MaskedTalkingHeadAttn` repeats the host's forward and fills the head-mixed logits of
-the chosen heads with ``-inf`` where the locality mask forbids attention, after ``proj_l`` and
-before the softmax. ``proj_w`` then remixes all heads' weights, so a masked head's output is
+the chosen heads where the locality mask forbids attention (``-inf`` in hard mode, 0 in soft
+mode, :func:`~attnmask.masks.mask_logits`), after ``proj_l`` and before the softmax. ``proj_w`` then remixes all heads' weights, so a masked head's output is
 strictly local only when every head it is mixed with is masked: use ``heads="all"`` for
 strict locality. No attnmask kernel is involved: ``backend="auto"`` runs the host's
 arithmetic, ``backend="reference"`` computes the logits, both head mixings, the softmax and

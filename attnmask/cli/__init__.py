@@ -20,8 +20,11 @@ COMMANDS = ("demo", "bench", "convert", "inspect")
 
 
 def parse_heads(text: str) -> Any:
-    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"all"``/``"none"``, ``"0,2,5"`` -> [0, 2, 5]."""
-    if text in ("all", "none"):
+    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"all"``/``"none"``, a schedule preset (``"mait"``, see
+    :data:`attnmask.schedules.PRESETS`), ``"0,2,5"`` -> [0, 2, 5]."""
+    from ..schedules import PRESETS
+
+    if text in ("all", "none") or text in PRESETS:
         return text
     try:
         if "," in text:
@@ -29,8 +32,8 @@ def parse_heads(text: str) -> Any:
         return float(text) if "." in text else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--heads {text!r} is not accepted: expected a count (3), a fraction (0.5), 'all', 'none' "
-            "or comma-separated head indices (0,2,5)"
+            f"--heads {text!r} is not accepted: expected a count (3), a fraction (0.5), 'all', 'none', "
+            f"a schedule ({', '.join(PRESETS)}) or comma-separated head indices (0,2,5)"
         ) from None
 
 

@@ -68,7 +68,7 @@ def add_parser(commands) -> None:
         type=parse_heads,
         metavar="HEADS",
         help="heads to make local in every layer: a count (3), a fraction of each layer's heads (0.5), "
-        "'all', 'none' or head indices (0,2,5)",
+        "'all', 'none', head indices (0,2,5), or a schedule over depth (mait, mait-mixed, one-head)",
     )
     convert.add_argument("--window", type=parse_window, metavar="WINDOW", help="odd window size in patches: 7, or rows x cols: 3x5")
     convert.add_argument(
