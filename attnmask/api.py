@@ -21,9 +21,19 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 SPEC_ATTR = "_attnmask_spec"
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else
+    ``model``: the spec and the patched modules live on the original model."""
+    if type(model).__name__ != "OptimizedModule":
+        return model
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def get_spec(model: nn.Module) -> Optional[MaskSpec]:
-    """The :class:`MaskSpec` of a patched model, or ``None`` if it is not patched."""
-    return model.__dict__.get(SPEC_ATTR)
+    """The :class:`MaskSpec` of a patched model (or of the model inside a ``torch.compile``
+    wrapper), or ``None`` if it is not patched."""
+    return unwrap(model).__dict__.get(SPEC_ATTR)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -173,8 +183,10 @@ def describe(model: nn.Module) -> MaskReport:
     """Which layers and heads of ``model`` are masked, with window, grid and backend.
 
     ``print(describe(model))`` shows a table; ``describe(model).to_dict()`` gives the same
-    as plain data. Works on unpatched models of supported families too (nothing masked).
+    as plain data. Works on unpatched models of supported families too (nothing masked), and
+    on ``torch.compile`` wrappers (it describes the model inside).
     """
+    model = unwrap(model)
     spec = get_spec(model)
     adapter = adapter_named(spec.family) if spec is not None else find_adapter(model)
     notes = tuple(adapter.notes(model)) if hasattr(adapter, "notes") else ()

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .adapters import REGISTRY, adapter_named, find_adapter
-from .api import _install, get_spec, remove
+from .api import _install, get_spec, remove, unwrap
 from .kernels import resolve_backend
 from .kernels.record import recording
 from .masks import LocalMask
@@ -186,7 +186,9 @@ def locality_scores(
     on all attention layers for the duration of the call (layers without masked heads run
     plain attention, computed explicitly), in eval mode under ``torch.no_grad``; afterwards
     the model is as it was: its modules' classes, attributes, hooks, training flags, state
-    and (for a patched model) its :class:`~attnmask.MaskSpec`.
+    and (for a patched model) its :class:`~attnmask.MaskSpec` (one difference: on a patched
+    ``dynamic_img_size`` model, attnmask's own grid hook is registered again, after any hook
+    added since ``apply``). A ``torch.compile`` wrapper is scored through the model inside.
 
     Args:
         model: A supported model whose attention runs through attnmask's kernels: timm
@@ -214,6 +216,7 @@ def locality_scores(
             attention runs in host code; the model is left untouched.
         RuntimeError: If no attention layer was reached (a ``forward`` bypassing them).
     """
+    model = unwrap(model)  # a torch.compile wrapper: score (and restore) the model inside
     window = normalize_window(window)
     _check_images(images, batch_size)
     if forward is not None and not callable(forward):

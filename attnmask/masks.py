@@ -270,8 +270,9 @@ class LocalMask:
         return cached(key, build)
 
     def head_additive_mask(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Additive mask of every head at once: ``(1, num_heads, N, N)``, 0 everywhere on
-        global heads and :meth:`additive_mask` on masked heads (rows padded to a multiple of
+        """Additive mask of every head at once (hard mode's ``-inf``, whatever :attr:`mode`
+        says): ``(1, num_heads, N, N)``, 0 everywhere on global heads and :meth:`additive_mask`
+        on masked heads (rows padded to a multiple of
         16 elements). For running all heads in one SDPA call. Cached per (geometry, heads,
         dtype, device); not for per-sample :attr:`positions`."""
         device = torch.device(device or "cpu")

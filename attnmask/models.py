@@ -118,7 +118,13 @@ def _create_mait(variant: str, pretrained: bool = False, **kwargs: Any) -> Visio
         feature_cfg={"out_indices": 3, "feature_cls": "getter"},
         **kwargs,
     )
-    return apply(model, heads=mask["mask_heads"], window=mask["mask_window"], mode=mask["mask_mode"])
+    try:
+        return apply(model, heads=mask["mask_heads"], window=mask["mask_window"], mode=mask["mask_mode"])
+    except (TypeError, ValueError) as error:  # name the entrypoint's arguments, not apply's
+        message = str(error)
+        for name in ("heads", "window", "mode"):
+            message = message.replace(f"{name}=", f"mask_{name}=", 1) if message.startswith(f"{name}") else message
+        raise type(error)(f"{variant}: {message}") from None
 
 
 def _model_args(embed_dim: int, num_heads: int, **extra: Any) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def masks(
             handles=[
                 Patch(color=QUERY_COLOR, label="query"),
                 Patch(color=ALLOWED_COLOR, label="may attend"),
-                Patch(color=MASKED_COLOR, label="masked out"),
+                Patch(color=MASKED_COLOR, label="masked out" if mask.mode == "hard" else "logit set to 0 (soft)"),
             ],
             loc="outside lower center",
             ncols=3,

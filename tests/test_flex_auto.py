@@ -338,9 +338,28 @@ def test_one_call_off_cuda_is_the_split_path_bit_for_bit():
 def test_cuda_one_call_bf16_matches_reference(heads):
     mask = LocalMask((14, 14), (7, 7), 1, 12, heads)
     q, k, v = qkv(4, 12, mask.num_tokens, 64, dtype=torch.bfloat16, device="cuda", seed=len(heads))
+    from attnmask.kernels import sdpa
+
     with torch.no_grad():
         out = sdpa_attention(q, k, v, mask, one_call=True)
+    assert not sdpa._CUDNN_REFUSED, "cuDNN refused the one-call path: the split path ran instead"
     torch.testing.assert_close(out.float(), KERNELS["reference"](q, k, v, mask).float(), rtol=2e-2, atol=2e-2)
+
+
+@cuda
+def test_cuda_one_call_leaves_sdpa_backends_alone():
+    """The one-call path must not switch SDPA's process-wide backend flags (another thread's
+    SDPA calls would fail while they are switched)."""
+    mask = LocalMask((14, 14), (7, 7), 1, 12, tuple(range(6)))
+    q, k, v = qkv(2, 12, mask.num_tokens, 64, dtype=torch.bfloat16, device="cuda", seed=9)
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    seen = []
+    real = torch.ops.aten._scaled_dot_product_cudnn_attention
+
+    with torch.no_grad():
+        sdpa_attention(q, k, v, mask, one_call=True)
+        seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+    assert seen == [flags] and real is torch.ops.aten._scaled_dot_product_cudnn_attention
 
 
 @cuda

@@ -534,3 +534,18 @@ def test_reference_kernel_helper_agrees_with_naive_attention():
     torch.testing.assert_close(
         attention_probs(q, k, mask).double() @ v.double(), naive_attention(q, k, v, allowed), rtol=1e-5, atol=1e-6
     )
+
+
+def test_compiled_wrapper_is_scored_through_the_model_inside():
+    """``torch.compile(model)`` keeps the spec on the model inside: scoring the wrapper must
+    see the masks and put them back (not strip them as if the model were unpatched)."""
+    model = attnmask.apply(make_timm("vit", depth=2), heads=1, window=3, backend="sdpa")
+    images = images_for("vit")
+    expected = attnmask.locality_scores(model, images, window=3, progress=False)
+    compiled = torch.compile(model)
+    assert attnmask.get_spec(compiled) is attnmask.get_spec(model) and attnmask.describe(compiled).patched
+    before = snapshot(model)
+    scores = attnmask.locality_scores(compiled, images, window=3, progress=False)
+    torch.testing.assert_close(scores, expected, equal_nan=True)
+    assert same_snapshot(snapshot(model), before)
+    assert {type(m).__name__ for m in model.modules()} & {"MaskedAttention"}

@@ -76,7 +76,8 @@ def render(saved: SavedMasks, library: str, architecture: str, name: str, base_m
         "",
         f"{origin} ({library} `{architecture}`) with locality-masked attention heads, converted with "
         "[attnmask](https://github.com/attnmask/attnmask) (MaiT, [arXiv 2207.03006](https://arxiv.org/abs/2207.03006)). "
-        "Each patch token of a local head attends only to the patches in a small window around itself; "
+        "Each patch token of a local head attends only to the patches in a small window around itself "
+        "(in soft mode, out-of-window logits are set to 0 instead: see the mode line); "
         "the other heads stay global. The weights are the base model's, unchanged: the masks are stored "
         "in `config.json` under the `attnmask` key and put back when the model is loaded.",
         "",

@@ -80,7 +80,7 @@ def sdpa_attention(
 
 
 _CUDNN_REFUSED: set[tuple] = set()
-"""(dtype, head dims, device) combinations cuDNN refused: not tried again."""
+"""(dtype, head dims, tokens, heads, device) combinations cuDNN refused: not tried again."""
 
 
 def _one_call_possible(q: torch.Tensor, mask: LocalMask) -> bool:
@@ -94,19 +94,25 @@ def _one_call_possible(q: torch.Tensor, mask: LocalMask) -> bool:
 
 
 def _cudnn_one_call(q, k, v, mask: LocalMask, scale: Optional[float]) -> Optional[torch.Tensor]:
-    """Every head in one cuDNN SDPA call with the per-head additive mask; ``None`` if cuDNN
-    refuses this combination (remembered, so the refusal costs one try per process)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """Every head in one cuDNN attention call with the per-head additive mask; ``None`` if
+    cuDNN refuses this combination (remembered, so a refusal costs one try per process).
 
-    key = (q.dtype, q.shape[-1], v.shape[-1], q.device)
+    The cuDNN operator is called directly, not through ``sdpa_kernel([CUDNN_ATTENTION])``:
+    that context manager switches SDPA's backends for every thread of the process, so
+    another thread's SDPA calls would fail while it is open, and two overlapping uses can
+    leave every other backend disabled. Out-of-memory errors are raised, not remembered."""
+    key = (q.dtype, q.shape[-1], v.shape[-1], q.shape[-2], q.shape[1], q.device)
     if key in _CUDNN_REFUSED:
         return None
+    bias = mask.head_additive_mask(q.device, q.dtype).expand(q.shape[0], -1, -1, -1)
     try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.head_additive_mask(q.device, q.dtype), scale=scale)
-    except RuntimeError:
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, False, 0.0, False, False, scale=scale)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, TypeError, NotImplementedError):
         _CUDNN_REFUSED.add(key)
         return None
+    return out[0]
 
 
 def locality_mask(mask: LocalMask, host: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
