@@ -222,7 +222,13 @@ def locality_scores(
     if forward is not None and not callable(forward):
         raise TypeError(f"forward={forward!r} is not accepted: expected a callable (model, images) -> output")
     spec = get_spec(model)
-    adapter = adapter_named(spec.family) if spec is not None else find_adapter(model)
+    try:
+        adapter = adapter_named(spec.family) if spec is not None else find_adapter(model)
+    except TypeError as error:
+        raise TypeError(
+            f"{error} (locality_scores does not support the families whose attention runs in host "
+            f"code: {', '.join(sorted(HOST_ATTENTION_FAMILIES))})"
+        ) from None
     if hasattr(adapter, "backend_label") or adapter.name in HOST_ATTENTION_FAMILIES:
         covered = [entry.name for entry in REGISTRY if entry.name not in HOST_ATTENTION_FAMILIES]
         raise TypeError(

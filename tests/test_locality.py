@@ -549,3 +549,8 @@ def test_compiled_wrapper_is_scored_through_the_model_inside():
     torch.testing.assert_close(scores, expected, equal_nan=True)
     assert same_snapshot(snapshot(model), before)
     assert {type(m).__name__ for m in model.modules()} & {"MaskedAttention"}
+
+
+def test_unsupported_model_error_says_which_families_locality_scores_refuses():
+    with pytest.raises(TypeError, match=r"locality_scores does not support .*timm\.cait, timm\.swin, torchvision\.swin"):
+        attnmask.locality_scores(torch.nn.Linear(2, 2), torch.zeros(1, 3, 8, 8), progress=False)
