@@ -16,6 +16,7 @@ from typing import Callable, Optional, Protocol
 import torch
 
 from ..masks import LocalMask
+from . import record
 from .auto import AUTO_TABLE, auto_choice, auto_rule, choose_backend
 from .flex import flex_attention
 from .reference import reference_attention
@@ -87,8 +88,6 @@ def get_kernel(name: str) -> Callable[..., torch.Tensor]:
     While attention is recorded in this thread (:func:`attnmask.kernels.record.recording`,
     used by :func:`attnmask.locality_scores`), the recording kernel instead, whatever ``name``.
     """
-    from . import record  # imported here: the check must not reorder this module's imports
-
     if record.is_recording():
         return record.recording_attention
     return KERNELS[name]

@@ -21,7 +21,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..masks import LocalMask, restrict
+from ..masks import LocalMask
+from .common import explicit_probs
 
 Recorder = Callable[[torch.Tensor, LocalMask], None]
 """``(probs (batch, heads, tokens, tokens), mask) -> None``: receives each layer's attention."""
@@ -82,20 +83,8 @@ def attention_probs(
     (``mask.mode``), the host's ``attn_mask`` (boolean: ``-inf`` where False; float: added),
     softmax over the keys.
     """
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
-    if mask.heads:
-        heads = list(mask.heads)
-        # (N, N), or (batch, 1, N, N) with per-sample positions: broadcasts over the heads.
-        allowed = mask.window_mask(q.device)
-        logits[:, heads] = restrict(logits[:, heads], allowed, mask.mode)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attn_mask, float("-inf"))
-        else:
-            logits = logits + attn_mask.to(dtype)
-    return logits.softmax(dim=-1)
+    # mask.dense(): every head's mask (global heads all True), per sample with positions.
+    return explicit_probs(q, k, mask.dense(q.device), mask.mode, attn_mask, scale)
 
 
 def recording_attention(

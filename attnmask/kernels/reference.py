@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from ..masks import LocalMask, restrict
+from ..masks import LocalMask
+from .common import explicit_probs
 
 
 def reference_attention(
@@ -39,12 +40,5 @@ def reference_attention(
     """
     if dropout_p:
         raise ValueError(f"dropout_p={dropout_p!r} is not accepted by the reference backend: it is deterministic (use 0.0)")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q64, k64, v64 = q.double(), k.double(), v.double()
-    logits = restrict((q64 @ k64.transpose(-2, -1)) * scale, mask.dense(q.device), mask.mode)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attn_mask, float("-inf"))
-        else:
-            logits = logits + attn_mask.double()
-    return (logits.softmax(dim=-1) @ v64).to(q.dtype)
+    probs = explicit_probs(q, k, mask.dense(q.device), mask.mode, attn_mask, scale, torch.float64)
+    return (probs @ v.double()).to(q.dtype)

@@ -13,8 +13,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..masks import LocalMask, combine_masks, restrict
-from .common import head_index, heads_of_mask
+from ..masks import LocalMask, combine_masks
+from .common import explicit_probs, head_index, heads_of_mask
 
 MaskedPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 """``(q, k, v, host_mask_of_these_heads) -> out``: attention of the masked heads only."""
@@ -153,15 +153,10 @@ def soft_attention(
         dropout_p: Dropout probability on the attention weights (as SDPA applies it).
         scale: Softmax scale; ``None`` means ``head_dim ** -0.5``.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    logits = restrict((q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale, allowed, "soft")
-    if host is not None:
-        logits = logits.masked_fill(~host, float("-inf")) if host.dtype == torch.bool else logits + host.to(dtype)
-    weights = logits.softmax(dim=-1)
+    weights = explicit_probs(q, k, allowed, "soft", host, scale)
     if dropout_p:
         weights = F.dropout(weights, p=dropout_p)
-    return (weights @ v.to(dtype)).to(q.dtype)
+    return (weights @ v.to(weights.dtype)).to(q.dtype)
 
 
 def split_heads(
