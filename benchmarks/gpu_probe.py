@@ -45,22 +45,7 @@ from attnmask import kernels  # noqa: E402
 from attnmask.bench.timing import environment  # noqa: E402
 from attnmask.kernels.flex import flex_attention  # noqa: E402
 from attnmask.kernels.sdpa import sdpa_attention, split_heads  # noqa: E402
-from attnmask.masks import ALIGN, LocalMask, cached  # noqa: E402
-
-
-def per_head_additive(mask: LocalMask, device, dtype) -> torch.Tensor:
-    """``(1, H, N, N)`` additive mask: 0 on global heads, the window's -inf on masked heads
-    (rows padded to an aligned stride)."""
-
-    def build() -> torch.Tensor:
-        n = mask.num_tokens
-        padded = torch.zeros(mask.num_heads, n, -(-n // ALIGN) * ALIGN, dtype=dtype, device=device)
-        forbidden = ~mask.window_mask(device)
-        for head in mask.heads:
-            padded[head, :, :n].masked_fill_(forbidden, float("-inf"))
-        return padded[None, :, :, :n]
-
-    return cached(("probe-per-head", mask.grid, mask.window, mask.prefix_tokens, mask.heads, dtype, device), build)
+from attnmask.masks import LocalMask  # noqa: E402
 
 
 def onecall(backend: SDPBackend) -> Callable:
@@ -68,7 +53,7 @@ def onecall(backend: SDPBackend) -> Callable:
         if mask.is_identity or attn_mask is not None:
             return sdpa_attention(q, k, v, mask, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=per_head_additive(mask, q.device, q.dtype), scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.head_additive_mask(q.device, q.dtype), scale=scale)
 
     return kernel
 
