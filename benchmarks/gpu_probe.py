@@ -44,7 +44,8 @@ import attnmask  # noqa: E402
 from attnmask import kernels  # noqa: E402
 from attnmask.bench.timing import environment  # noqa: E402
 from attnmask.kernels.flex import flex_attention  # noqa: E402
-from attnmask.kernels.sdpa import sdpa_attention, split_heads  # noqa: E402
+from attnmask.kernels.common import split_heads  # noqa: E402
+from attnmask.kernels.sdpa import sdpa_attention  # noqa: E402
 from attnmask.masks import LocalMask  # noqa: E402
 
 

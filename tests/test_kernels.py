@@ -118,5 +118,5 @@ def test_sdpa_dropout_runs_in_training():
 def test_backend_names():
     assert resolve_backend("auto") == "auto"  # decided per call
     assert resolve_backend("flex") == "flex"
-    with pytest.raises(ValueError, match="backend='flash'.*'auto', 'sdpa', 'flex', 'reference'"):
+    with pytest.raises(ValueError, match="backend='flash'.*'auto', 'sdpa', 'flex', 'blocked', 'reference'"):
         resolve_backend("flash")

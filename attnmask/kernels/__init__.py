@@ -18,6 +18,7 @@ import torch
 from ..masks import LocalMask
 from . import record
 from .auto import AUTO_TABLE, auto_choice, auto_rule, choose_backend
+from .blocked import blocked_attention
 from .flex import flex_attention
 from .reference import reference_attention
 from .sdpa import sdpa_attention
@@ -63,6 +64,7 @@ KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "auto": auto_attention,
     "sdpa": sdpa_attention,
     "flex": flex_attention,
+    "blocked": blocked_attention,
     "reference": reference_attention,
 }
 """Registered backends by name."""
@@ -101,6 +103,7 @@ __all__ = [
     "auto_attention",
     "auto_choice",
     "auto_rule",
+    "blocked_attention",
     "choose_backend",
     "flex_attention",
     "get_kernel",

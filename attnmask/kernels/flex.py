@@ -39,7 +39,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention as _flex_attention
 
 from ..masks import LocalMask, MaskMod, at_positions, cached
-from .sdpa import split_heads
+from .common import split_heads
 
 ORDERS = ("rows", "tiles")
 """Token orders the flex kernel can run in (see the module docstring)."""

@@ -8,16 +8,13 @@ the same dense SDPA path in both modes.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..masks import LocalMask, combine_masks
-from .common import explicit_probs, head_index, heads_of_mask
-
-MaskedPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
-"""``(q, k, v, host_mask_of_these_heads) -> out``: attention of the masked heads only."""
+from .common import explicit_probs, split_heads
 
 
 def sdpa_attention(
@@ -157,44 +154,3 @@ def soft_attention(
     if dropout_p:
         weights = F.dropout(weights, p=dropout_p)
     return (weights @ v.to(weights.dtype)).to(q.dtype)
-
-
-def split_heads(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: LocalMask,
-    attn_mask: Optional[torch.Tensor],
-    masked_path: MaskedPath,
-    *,
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-) -> torch.Tensor:
-    """Run the masked heads through ``masked_path`` and the global heads through plain SDPA.
-
-    With every head masked, ``masked_path`` gets the whole tensors (no copy). Otherwise both
-    results are written into one ``(batch, tokens, heads, head_dim_v)`` buffer, returned as its
-    ``(batch, heads, tokens, head_dim_v)`` view.
-    """
-    num_heads = q.shape[1]
-    if len(mask.heads) == num_heads:
-        return masked_path(q, k, v, attn_mask)
-    local_heads = head_index(mask.heads)
-    global_heads = head_index(mask.global_heads)
-    batch, _, tokens, _ = q.shape
-    # Written through the (batch, tokens, heads, dim) buffer itself, not its transposed view:
-    # autograd rejects an index_put_ on a view of a buffer that an earlier write made require
-    # grad ("a leaf Variable that requires grad is being used in an in-place operation").
-    out = q.new_empty(batch, tokens, num_heads, v.shape[-1])
-    out[:, :, global_heads] = F.scaled_dot_product_attention(
-        q[:, global_heads],
-        k[:, global_heads],
-        v[:, global_heads],
-        attn_mask=heads_of_mask(attn_mask, global_heads, num_heads),
-        dropout_p=dropout_p,
-        scale=scale,
-    ).transpose(1, 2)
-    out[:, :, local_heads] = masked_path(
-        q[:, local_heads], k[:, local_heads], v[:, local_heads], heads_of_mask(attn_mask, local_heads, num_heads)
-    ).transpose(1, 2)
-    return out.transpose(1, 2)
