@@ -36,8 +36,9 @@ from .kernels.record import recording
 from .masks import LocalMask
 from .spec import LayerPlan, normalize_window
 
-HOST_ATTENTION_FAMILIES = ("timm.cait", "timm.swin", "torchvision.swin")
-"""Families whose attention runs in the host's own code (no attnmask kernel to record from)."""
+HOST_ATTENTION_FAMILIES = ("timm.cait",)
+"""Families whose attention runs in the host's own code (no attnmask kernel to record from):
+CaiT's talking heads mix the heads' logits and weights, which no per-head kernel expresses."""
 
 Forward = Callable[[nn.Module, torch.Tensor], Any]
 
@@ -192,8 +193,9 @@ def locality_scores(
 
     Args:
         model: A supported model whose attention runs through attnmask's kernels: timm
-            ViT/DeiT/EVA/BEiT, Hugging Face ViT/DeiT/BEiT/DINOv2/CLIP/SigLIP/ViTMAE/Swin,
-            torchvision ViT. timm CaiT, timm Swin and torchvision Swin are refused.
+            ViT/DeiT/EVA/BEiT/Swin/SwinV2, Hugging Face ViT/DeiT/BEiT/DINOv2/CLIP/SigLIP/ViTMAE/Swin,
+            torchvision ViT/Swin/Swin V2 (for the Swin families, the grid is each attention
+            window's own token grid). timm CaiT (talking heads) is refused.
         images: A ``(N, C, H, W)`` tensor (split into batches of ``batch_size``) or an
             iterable of batches: tensors, or tuples/lists whose first element is the image
             tensor (a ``DataLoader``). Batches are moved to the model's device (and floating

@@ -1,9 +1,12 @@
 """Family cases for timm's CaiT, Swin, SwinV2, BEiT and EVA adapters.
 
-CaiT and Swin compute their masked attention themselves (talking heads, window attention),
-so their rows carry a ``reference_check``: the patched attention modules' outputs against a
-float64 computation written here from the modules' weights, with the locality mask taken
-from ``helpers.brute_force_mask`` (independent of ``attnmask.masks``).
+CaiT computes its masked attention itself (talking heads), so its row carries a
+``reference_check``: the patched attention modules' outputs against a float64 computation
+written here from the modules' weights, with the locality mask taken from
+``helpers.brute_force_mask`` (independent of ``attnmask.masks``). Swin and SwinV2 run their
+attention through attnmask's kernels (position bias and shift mask as the host mask); their
+rows carry the same kind of check too, since what the adapter hands the kernel (SwinV2's
+cosine attention as ``normalize(q) * logit_scale``, the bias, the shift mask) is its own code.
 """
 
 from __future__ import annotations
@@ -77,27 +80,33 @@ def linear64(layer: torch.nn.Linear, x: torch.Tensor, bias=None) -> torch.Tensor
     return F.linear(x.double(), layer.weight.double(), None if bias is None else bias.double())
 
 
-def softmax_attend(logits, v, allowed, shift_mask=None):
-    """Windowed softmax attention: ``logits (B*nW, H, N, N)``, host shift mask ``(nW, N, N)``."""
+def softmax_attend(logits, bias, v, allowed, shift_mask=None, mode="hard"):
+    """Windowed softmax attention: scaled ``logits (B*nW, H, N, N)``, position ``bias (H, N, N)``,
+    host shift mask ``(nW, N, N)``. Hard: ``-inf`` where not ``allowed``; soft (Eq. 2): the
+    logits (not the bias, not the shift mask) are 0 there."""
+    if mode == "soft":
+        logits = logits * allowed
+    logits = logits + bias
     if shift_mask is not None:
         num_win = shift_mask.shape[0]
         windows = logits.view(-1, num_win, *logits.shape[1:]) + shift_mask.double()[None, :, None]
         logits = windows.view(-1, *logits.shape[1:])
-    logits = logits.masked_fill(~allowed, float("-inf"))
+    if mode == "hard":
+        logits = logits.masked_fill(~allowed, float("-inf"))
     return logits.softmax(dim=-1) @ v
 
 
-def swin_v1_attention64(attn, x, shift_mask, allowed):
+def swin_v1_attention64(attn, x, shift_mask, allowed, mode="hard"):
     B_, N, _ = x.shape
     q, k, v = linear64(attn.qkv, x).reshape(B_, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     bias = attn.relative_position_bias_table.double()[attn.relative_position_index.view(-1)]
     bias = bias.view(N, N, -1).permute(2, 0, 1)
-    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias
-    out = softmax_attend(logits, v, allowed, shift_mask)
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    out = softmax_attend(logits, bias, v, allowed, shift_mask, mode)
     return linear64(attn.proj, out.transpose(1, 2).reshape(B_, N, -1))
 
 
-def swin_v2_attention64(attn, x, shift_mask, allowed):
+def swin_v2_attention64(attn, x, shift_mask, allowed, mode="hard"):
     B_, N, _ = x.shape
     bias = None
     if attn.q_bias is not None:
@@ -108,19 +117,19 @@ def swin_v2_attention64(attn, x, shift_mask, allowed):
     hidden = F.relu(linear64(attn.cpb_mlp[0], attn.relative_coords_table))
     table = linear64(attn.cpb_mlp[2], hidden).view(-1, attn.num_heads)
     position_bias = table[attn.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
-    logits = logits + 16 * torch.sigmoid(position_bias)
-    out = softmax_attend(logits, v, allowed, shift_mask)
+    out = softmax_attend(logits, 16 * torch.sigmoid(position_bias), v, allowed, shift_mask, mode)
     return linear64(attn.proj, out.transpose(1, 2).reshape(B_, N, -1))
 
 
 def check_swin(model, images, attention64, layers: int = 2) -> None:
-    """The first ``layers`` window attentions (unshifted, then shifted) against float64."""
+    """The first ``layers`` window attentions (unshifted, then shifted) against float64, in the
+    model's mask mode."""
     spec = attnmask.get_spec(model)
     modules = [model.get_submodule(name) for name in spec.layers[:layers]]
     for layer, (module, (x, kwargs, out)) in enumerate(zip(modules, attention_calls(model, modules, images))):
         grid = tuple(module.window_size)
         allowed = brute_force_mask(grid, spec.window, 0, module.num_heads, spec.heads[layer])
-        expected = attention64(module, x, kwargs.get("mask"), allowed)
+        expected = attention64(module, x, kwargs.get("mask"), allowed, spec.mode)
         torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
         if spec.heads[layer]:
             unmasked = attention64(module, x, kwargs.get("mask"), torch.ones_like(allowed))
@@ -165,7 +174,6 @@ def swin_case(id: str, name: str, attention64) -> FamilyCase:
         token_of=row_major(0, 12),
         reach=swin_reach(4),
         forward=lambda m, x: m.forward_features(x),
-        kernel_backed=False,
         reference_check=lambda m, x: check_swin(m, x, attention64),
         # 40 x 32 pixels: 10 x 8 patches, padded to whole windows; the mask's grid stays the window.
         other_images=random_images((40, 32)),

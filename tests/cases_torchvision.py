@@ -74,14 +74,16 @@ def host_class(module: torch.nn.Module) -> type:
 
 
 def swin_reference_check(model: torch.nn.Module, images: torch.Tensor) -> None:
-    """Every masked Swin attention layer, checked without ``attnmask.masks``.
+    """Every masked Swin attention layer (hard mode), checked without ``attnmask.masks``.
 
-    Its relative position bias must equal the host's with ``-inf`` where the brute-force mask
-    of :mod:`helpers` forbids attention, and its output must equal torchvision's
-    ``shifted_window_attention`` run in float64 with that bias (which also checks shift,
-    padding and V2's cosine attention are kept).
+    Its relative position bias must be the host's, untouched (the locality mask goes to the
+    kernel), and its output must equal torchvision's own ``shifted_window_attention`` run in
+    float64 with that bias set to ``-inf`` where the brute-force mask of :mod:`helpers`
+    forbids attention (which also checks that shift, padding and V2's cosine attention and
+    logit scale reach the kernel as torchvision computes them).
     """
     spec = attnmask.get_spec(model)
+    assert spec.mode == "hard"
     masked = {name: heads for name, heads in zip(spec.layers, spec.heads) if heads}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     def record(name: str):
@@ -102,7 +104,7 @@ def swin_reference_check(model: torch.nn.Module, images: torch.Tensor) -> None:
         allowed = brute_force_mask(size, spec.window, 0, module.num_heads, heads)
         with torch.no_grad():
             host_bias = cls.get_relative_position_bias(module)
-            assert torch.equal(module.get_relative_position_bias(), host_bias.masked_fill(~allowed, float("-inf")))
+            assert torch.equal(module.get_relative_position_bias(), host_bias)
             module64 = copy.deepcopy(module).double()
             bias64 = cls.get_relative_position_bias(module64).masked_fill(~allowed, float("-inf"))
             x, y = seen[name]
@@ -136,7 +138,6 @@ def swin_case(id: str, v2: bool) -> FamilyCase:
         block_tokens=lambda out: out.flatten(1, 2),
         token_of=row_major(0, 12),
         reach=swin_reach(SWIN_WINDOW),
-        kernel_backed=False,
         reference_check=swin_reference_check,
         other_images=random_images((40, 24)),
         other_grid=(SWIN_WINDOW, SWIN_WINDOW),  # describe() reports the attention window's grid

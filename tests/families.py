@@ -61,8 +61,10 @@ class FamilyCase:
         forward: ``(model, images) -> tensor`` compared between runs.
         kernel_backed: Whether masked heads go through ``attnmask.kernels`` (then
             ``backend="reference"`` computes them in float64).
-        reference_check: For families whose attention the adapter computes itself: a callable
-            ``(model, images)`` asserting the patched attention equals a float64 reference.
+        reference_check: A callable ``(model, images)`` asserting the patched attention equals
+            a float64 computation written from the host's weights (required where
+            ``kernel_backed`` is False; kernel-backed families whose adapter prepares the
+            kernel's inputs itself, such as the Swin families, have one too).
         other_images: ``(batch, seed) -> images`` of another size the host accepts, with
             :attr:`other_grid`; ``None`` if the host accepts one size only.
         window: Locality window for the locality test (small, so that far patches exist).

@@ -253,7 +253,10 @@ def recorded_cases():
     import cases_timm_more
     import cases_torchvision
 
-    wanted = {"timm-vit-reg4", "timm-eva", "timm-beit", "hf-beit", "hf-vit-mae", "torchvision-vit"}
+    wanted = {
+        "timm-vit-reg4", "timm-eva", "timm-beit", "hf-beit", "hf-vit-mae", "torchvision-vit",
+        "timm-swin", "timm-swinv2", "torchvision-swin-v2",
+    }
     modules = (cases_timm, cases_timm_more, cases_hf, cases_torchvision)
     return [case for module in modules for case in module.CASES if case.id in wanted]
 
@@ -450,7 +453,7 @@ def test_every_family_scores_or_refuses(case):
     images = case.images(2, 1)
     family = attnmask.describe(model).family
     if not case.kernel_backed:
-        with pytest.raises(TypeError, match=rf"does not support {re.escape(family)} models.*Supported families: timm\.beit"):
+        with pytest.raises(TypeError, match=rf"does not support {re.escape(family)} models.*Supported families: timm\.swin, timm\.beit.*torchvision\.swin"):
             scores_of(model, images)
         return
     before = snapshot(model)
@@ -552,5 +555,60 @@ def test_compiled_wrapper_is_scored_through_the_model_inside():
 
 
 def test_unsupported_model_error_says_which_families_locality_scores_refuses():
-    with pytest.raises(TypeError, match=r"locality_scores does not support .*timm\.cait, timm\.swin, torchvision\.swin"):
+    with pytest.raises(TypeError, match=r"locality_scores does not support .*host code: timm\.cait\)") as error:
         attnmask.locality_scores(torch.nn.Linear(2, 2), torch.zeros(1, 3, 8, 8), progress=False)
+    assert "swin" not in str(error.value).split("locality_scores does not support")[1]
+
+
+def swin_cases():
+    import cases_timm_more
+
+    cases = [case for case in cases_timm_more.CASES if case.family == "timm.swin"]
+    try:
+        import cases_torchvision
+    except pytest.skip.Exception:  # torchvision is not installed
+        return cases
+    return cases + [case for case in cases_torchvision.CASES if case.family == "torchvision.swin"]
+
+
+def uniform_first_layer(model) -> None:
+    """q = 0 and a constant position bias in the first (unshifted) window attention of a Swin:
+    its attention is uniform over the attention window's tokens."""
+    attn = next(m for name, m in model.named_modules() if name.endswith("attn") and hasattr(m, "window_size"))
+    dim = attn.qkv.in_features
+    with torch.no_grad():
+        attn.qkv.weight[:dim] = 0
+        if attn.qkv.bias is not None:
+            attn.qkv.bias[:dim] = 0
+        if getattr(attn, "q_bias", None) is not None:
+            attn.q_bias.zero_()
+        if hasattr(attn, "cpb_mlp"):
+            attn.cpb_mlp[-1].weight.zero_()  # 16 * sigmoid(0) = 8 everywhere
+        else:
+            attn.relative_position_bias_table.zero_()
+
+
+@pytest.mark.parametrize("case", swin_cases(), ids=lambda case: case.id)
+def test_swin_families_are_scored_on_the_attention_window(case):
+    """Swin's attention runs through the kernels, so it is recorded: the grid is each attention
+    window's own (4 x 4 here). Forced-local heads score 1 (shifted layer 1 included), uniform
+    attention scores mean |W(n)| / N on the window, and the model is left as it was."""
+    model = case.build(0)
+    images = case.images(2, 1)
+    forward = lambda m, x: case.forward(m, x)  # noqa: E731
+    uniform_first_layer(model)
+    before = snapshot(model)
+    scores = scores_of(model, images, forward=forward)
+    assert scores.shape == (4, 8 if case.family == "timm.swin" else 4)
+    expected = uniform_expectation((4, 4), (3, 3), 0)
+    torch.testing.assert_close(scores[0, :4], torch.full((4,), expected, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert same_snapshot(before, snapshot(model)) and not attnmask.is_patched(model)
+
+    attnmask.apply(model, heads={0: [1, 3], 1: [0, 2]}, window=3)
+    spec = attnmask.get_spec(model)
+    scores = scores_of(model, images, forward=forward)
+    for layer, head in [(0, 1), (0, 3), (1, 0), (1, 2)]:
+        assert scores[layer, head].item() == pytest.approx(1.0, abs=1e-6), (layer, head)
+    for layer, head in [(1, 1), (1, 3)]:
+        assert scores[layer, head].item() < 0.99, (layer, head)
+    assert attnmask.get_spec(model) == spec

@@ -15,6 +15,7 @@ from families import random_images
 from helpers import brute_force_mask
 
 import attnmask
+from attnmask.kernels import BACKENDS
 
 timm = pytest.importorskip("timm")
 from timm.models.cait import ClassAttn  # noqa: E402
@@ -87,9 +88,8 @@ def test_cait_all_heads_masked_is_local_and_head_mixing_leaks_otherwise():
     assert not torch.allclose(moved(model, far)[0], base[0])
 
 
-@pytest.mark.parametrize("case_id", ["timm-cait", "timm-swin", "timm-swinv2"])
-def test_explicit_families_reference_backend_agrees(case_id):
-    case = CASE[case_id]
+def test_cait_reference_backend_agrees_and_kernels_are_refused():
+    case = CASE["timm-cait"]
     model = case.build(0)
     images = case.images(2, 1)
     fast = features(attnmask.apply(model, heads=[0, 2], window=3), images)
@@ -97,10 +97,52 @@ def test_explicit_families_reference_backend_agrees(case_id):
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
     report = attnmask.describe(model)
     assert report.backend == "reference" and "float64" in report.resolved_backend
-    # No attnmask kernel runs these heads: asking for one is an error that names what is accepted.
-    with pytest.raises(ValueError, match="'auto', 'reference'"):
-        attnmask.apply(model, heads=[0, 2], window=3, backend="sdpa")
-    assert attnmask.get_spec(model).backend == "reference"  # the failed call changed nothing
+    # Talking heads mix all heads' logits and weights: no per-head kernel runs them, so asking
+    # for one is an error that names what is accepted.
+    for backend in ("sdpa", "flex"):
+        with pytest.raises(ValueError, match="'auto', 'reference'"):
+            attnmask.apply(model, heads=[0, 2], window=3, backend=backend)
+    assert attnmask.get_spec(model).backend == "reference"  # the failed calls changed nothing
+
+
+def visible_bias(model) -> None:
+    """A position bias and logit scale large enough to matter (at init they are ~0 and 10)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "relative_position_bias_table" in name or "cpb_mlp" in name:
+                param.normal_(std=1.0)
+            if "logit_scale" in name:
+                param.uniform_(0.5, 3.0)
+
+
+def sharp_logits(model):
+    """Swin v1 logits of order 1 (at init ``q k^T * scale`` is ~0, where soft changes little)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("attn.qkv.weight"):
+                param.normal_(std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("case_id", ["timm-swin", "timm-swinv2"])
+def test_swin_every_backend_and_mode_agrees_with_reference(case_id, mode):
+    """Swin runs through attnmask's kernels: every backend, both modes, against the float64
+    reference backend and against the float64 attention written from the weights."""
+    case = CASE[case_id]
+    model = sharp_logits(case.build(0))
+    images = case.images(2, 1)
+    reference = features(attnmask.apply(model, heads=[0, 2], window=3, backend="reference", mode=mode), images)
+    report = attnmask.describe(model)
+    assert report.backend == "reference" and report.resolved_backend == "reference" and report.mode == mode
+    check_swin(model, images, swin_v1_attention64 if case_id == "timm-swin" else swin_v2_attention64)
+    for backend in [b for b in BACKENDS if b != "reference"]:
+        fast = features(attnmask.apply(model, heads=[0, 2], window=3, backend=backend, mode=mode), images)
+        torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend}: {m}")
+        assert attnmask.get_spec(model).backend == backend and attnmask.describe(model).resolved_backend != "reference"
+    check_swin(model, images, swin_v1_attention64 if case_id == "timm-swin" else swin_v2_attention64)
+    other = features(attnmask.apply(model, heads=[0, 2], window=3, mode="soft" if mode == "hard" else "hard"), images)
+    assert not torch.allclose(other, reference, atol=1e-4), "soft and hard gave the same outputs"
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,34 +198,53 @@ def test_swin_mask_follows_a_changed_window_size(case_id):
     assert not torch.allclose(resized, features(attnmask.remove(model), images), atol=1e-4)
 
 
-@pytest.mark.parametrize("case_id", ["timm-swin", "timm-swinv2"])
-def test_swin_global_heads_bit_identical_and_bias_kept(case_id):
+
+
+def fused(model, on: bool = True):
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = on  # timm's experimental SDPA path for Swin v1 (off by default)
+    return model
+
+
+@pytest.mark.parametrize(
+    "case_id, host_fused",
+    [("timm-swin", True), ("timm-swin", False), ("timm-swinv2", False)],
+    ids=["swin-fused-host", "swin-explicit-host", "swinv2"],
+)
+def test_swin_global_heads_unchanged_and_bias_kept(case_id, host_fused):
+    """Global heads run through SDPA with the host's bias + shift mask: bit for bit timm's fused
+    Swin path; against timm's explicit softmax (Swin's default, SwinV2's only path) equal up
+    to float32 rounding."""
     case = CASE[case_id]
     model = case.build(0)
+    visible_bias(model)
+    if host_fused:
+        fused(model)
     images = case.images(2, 1)
-    with torch.no_grad():  # a visible position bias and logit scale
-        for name, param in model.named_parameters():
-            if "relative_position_bias_table" in name or "cpb_mlp" in name:
-                param.normal_(std=1.0)
-            if "logit_scale" in name:
-                param.uniform_(0.5, 3.0)
     attn = model.layers[0].blocks[1].attn  # a shifted block
     original = head_outputs(model, attn, images)
     attnmask.apply(model, heads={1: [0]}, window=3)  # only this block: its input stays the same
     masked = head_outputs(model, attn, images)
-    assert torch.equal(masked[:, :, 1:], original[:, :, 1:])
+    if host_fused:
+        assert torch.equal(masked[:, :, 1:], original[:, :, 1:])
+    else:
+        torch.testing.assert_close(masked[:, :, 1:], original[:, :, 1:], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(masked[:, :, 0], original[:, :, 0], atol=1e-4)
     # A window covering the attention window changes nothing: the host's bias is used as it is.
     attnmask.apply(model, heads="all", window=7)
+    covered = head_outputs(model, attn, images)
+    if host_fused:
+        assert torch.equal(covered, original)
+    else:
+        torch.testing.assert_close(covered, original, rtol=1e-5, atol=1e-6)
+    attnmask.remove(model)
     assert torch.equal(head_outputs(model, attn, images), original)
 
 
 def test_swin_v1_fused_path():
     case = CASE["timm-swin"]
-    model = case.build(0)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = True  # timm's experimental SDPA path (off by default)
+    model = fused(case.build(0))
     images = case.images(2, 1)
     attn = model.layers[0].blocks[1].attn
     original = head_outputs(model, attn, images)
@@ -192,6 +253,36 @@ def test_swin_v1_fused_path():
     assert torch.equal(masked[:, :, 1:], original[:, :, 1:])
     attnmask.apply(model, heads=[0, 2], window=3)
     check_swin(model, images, swin_v1_attention64)
+
+
+@pytest.mark.parametrize("case_id", ["timm-swin", "timm-swinv2"])
+def test_swin_soft_mode_zeroes_logits_before_the_bias(case_id):
+    """Soft mode on Swin: out-of-window ``q k^T * scale`` (SwinV2: ``cos * logit_scale``) logits
+    are 0 and the bias and shift mask are still added, as the float64 definition says; a far
+    key inside the attention window then still moves a soft head (hard: it does not)."""
+    case = CASE[case_id]
+    model = sharp_logits(case.build(0))
+    visible_bias(model)
+    images = case.images(2, 1)
+    attention64 = swin_v1_attention64 if case_id == "timm-swin" else swin_v2_attention64
+    attnmask.apply(model, heads={0: "all", 1: [1, 3]}, window=3, mode="soft")
+    check_swin(model, images, attention64)
+    soft = features(model, images)
+    reference = features(attnmask.apply(model, heads={0: "all", 1: [1, 3]}, window=3, mode="soft", backend="reference"), images)
+    torch.testing.assert_close(soft, reference, rtol=1e-4, atol=1e-5)
+
+    block = model.layers[0].blocks[0]  # unshifted: one 4 x 4 attention window is rows 0-3, cols 0-3
+    x = torch.randn(1, 8, 12, 16, generator=torch.Generator().manual_seed(0))
+    moved = x.clone()
+    moved[0, 0, 3] += torch.linspace(-1.0, 1.0, 16)  # same attention window as (3, 0), outside 3 x 3
+
+    def at_query(tokens):
+        with torch.no_grad():
+            return block(tokens)[0, 3, 0]
+
+    assert not torch.allclose(at_query(moved), at_query(x))  # soft: the far value leaks in
+    attnmask.apply(model, heads={0: "all", 1: [1, 3]}, window=3)
+    assert torch.equal(at_query(moved), at_query(x))  # hard: exactly local
 
 
 def test_swinv2_notes_name_the_attention_windows():

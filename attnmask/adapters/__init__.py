@@ -114,7 +114,11 @@ REGISTRY: tuple[AdapterEntry, ...] = (
         "head-mixed logits (after `proj_l`, before softmax) of the chosen heads",
         caveats="`proj_w` mixes heads again after the softmax, so a masked head's output is local "
         "only when every head it is mixed with is masked (use `heads=\"all\"` for strict locality). "
-        "Class-attention layers (`ClassAttn`) are left alone; `describe()` says so.",
+        "Class-attention layers (`ClassAttn`) are left alone; `describe()` says so. No attnmask kernel "
+        "can run talking heads: a kernel attends head by head, while `proj_l` mixes every head's logits "
+        "before the softmax and `proj_w` every head's weights after it. The adapter therefore repeats "
+        "CaiT's own arithmetic: `backend` accepts `\"auto\"` and `\"reference\"` (float64) only, and "
+        "`locality_scores` refuses CaiT.",
         tested=TIMM_TESTED,
     ),
     AdapterEntry(
@@ -123,11 +127,15 @@ REGISTRY: tuple[AdapterEntry, ...] = (
         module="attnmask.adapters.timm_swin",
         models="timm Swin and SwinV2 (`swin_*`, `swinv2_*`), including SwinV2's cosine attention "
         "and continuous position bias",
-        how="each `WindowAttention` instance's class is swapped to a subclass that puts `-inf` on "
-        "the masked heads' relative position bias (SwinV2: continuous position bias) where the "
-        "locality mask forbids attention, before the shifted-window mask is added",
+        how="each `WindowAttention` instance's class is swapped to a subclass that computes q, k, v "
+        "as timm does and runs the layer's kernel; the relative position bias (SwinV2: the continuous "
+        "position bias) plus the shifted-window mask is the kernel's host mask, and the locality mask "
+        "is added to it. SwinV2's cosine attention reaches the kernel as `normalize(q) * logit_scale` "
+        "and `normalize(k)` with scale 1",
         caveats="The geometry is each attention window's own token grid (e.g. 7 x 7), not the "
-        "image's: a window as large as the attention window masks nothing.",
+        "image's: a window as large as the attention window masks nothing. Global heads run through "
+        "SDPA with the host's mask: bit for bit timm's fused Swin path (`fused_attn=True`), equal up "
+        "to float32 rounding to timm's default explicit Swin path and to SwinV2 (explicit only).",
         tested=TIMM_TESTED,
     ),
     AdapterEntry(
@@ -260,12 +268,16 @@ REGISTRY: tuple[AdapterEntry, ...] = (
         host="torchvision",
         module="attnmask.adapters.torchvision_swin",
         models="torchvision `swin_t`, `swin_s`, `swin_b`, `swin_v2_t`, `swin_v2_s`, `swin_v2_b`",
-        how="each `ShiftedWindowAttention(V2)` instance's class is swapped to a subclass whose "
-        "relative position bias carries the locality mask",
+        how="each `ShiftedWindowAttention(V2)` instance's class is swapped to a subclass whose forward "
+        "repeats torchvision's `shifted_window_attention` (padding, cyclic shift, qkv, projections) "
+        "with the attention run by the layer's kernel; the relative position bias (V2: the continuous "
+        "position bias) plus the shifted-window mask is the kernel's host mask, and the locality mask "
+        "is added to it. V2's cosine attention reaches the kernel as `normalize(q) * logit_scale` and "
+        "`normalize(k)` with scale 1",
         caveats="The geometry is each attention window's own token grid (7 x 7 for Swin, 8 x 8 for "
         "Swin V2), not the image's; torchvision pads feature maps smaller than the window to one "
-        "window rather than shrinking it. torchvision's own attention runs the masked heads, so "
-        "`backend` has no effect.",
+        "window rather than shrinking it. torchvision computes attention explicitly; global heads run "
+        "through SDPA, so they equal the unpatched model up to float32 rounding, not bit for bit.",
         tested=TORCHVISION_TESTED,
     ),
 )

@@ -8,11 +8,20 @@ prefix tokens. Class-attention layers are left global (``describe()`` says so).
 
 :class:`MaskedTalkingHeadAttn` repeats the host's forward and fills the head-mixed logits of
 the chosen heads where the locality mask forbids attention (``-inf`` in hard mode, 0 in soft
-mode, :func:`~attnmask.masks.mask_logits`), after ``proj_l`` and before the softmax. ``proj_w`` then remixes all heads' weights, so a masked head's output is
-strictly local only when every head it is mixed with is masked: use ``heads="all"`` for
-strict locality. No attnmask kernel is involved: ``backend="auto"`` runs the host's
-arithmetic, ``backend="reference"`` computes the logits, both head mixings, the softmax and
-the weighted sum in float64 (for tests), and ``"sdpa"`` is refused.
+mode, :func:`~attnmask.masks.mask_logits`), after ``proj_l`` and before the softmax.
+``proj_w`` then remixes all heads' weights, so a masked head's output is strictly local only
+when every head it is mixed with is masked: use ``heads="all"`` for strict locality.
+
+Why this family does not go through an attnmask kernel (as timm Swin, BEiT and the others
+do): a kernel (:mod:`attnmask.kernels`) computes ``softmax(q k^T * scale + host mask) v``
+head by head, each head from its own q, k and v. Talking heads are not that shape: the
+logit a head's softmax sees is ``proj_l`` applied across *all* heads' ``q k^T``, and the
+weights it multiplies ``v`` by are ``proj_w`` applied across *all* heads' probabilities. No
+per-head q', k' or additive host mask expresses either mixing, so the adapter repeats CaiT's
+own arithmetic. ``backend="auto"`` runs it in the host's dtype, ``backend="reference"``
+computes the logits, both head mixings, the softmax and the weighted sum in float64 (for
+tests), and ``"sdpa"``/``"flex"`` are refused; ``locality_scores`` refuses CaiT too (no kernel
+call to record).
 """
 
 from __future__ import annotations

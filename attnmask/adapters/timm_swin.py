@@ -7,18 +7,30 @@ Inside one (shifted) window, neighbours on that grid are neighbours in the image
 the paper's spatial locality; the shifted-window mask still separates tokens that the cyclic
 shift brought together. There are no prefix tokens.
 
-- Swin v1: :class:`MaskedWindowAttention` only overrides ``_get_rel_pos_bias``, which both of
-  the host's paths (fused SDPA and explicit softmax) add to the logits before the shift mask.
-  The bias of masked heads gets ``-inf`` where the mask forbids attention; global heads keep
-  the host's bias, so their outputs are bit-for-bit the original ones.
-- SwinV2: the host computes cosine attention and its continuous position bias inline, so
-  :class:`MaskedWindowAttentionV2` repeats the host's forward and fills the position bias of
-  masked heads with ``-inf`` in the same way.
+Both masked classes repeat the host's forward up to the attention itself and hand it to the
+layer's kernel (:func:`attnmask.kernels.get_kernel`), as the Hugging Face Swin adapter does:
+the host's position bias plus the shifted-window mask is the kernel's additive ``attn_mask``,
+built as timm's fused path builds it, and the kernel adds the locality mask to it. So every
+backend applies, both modes do (``mode="soft"`` sets the scaled ``q k^T`` logits outside the
+window to 0 *before* the bias and shift mask are added) and ``locality_scores`` can record
+the probabilities.
+
+- Swin v1 (:class:`MaskedWindowAttention`): ``softmax(q k^T * scale + bias + shift) v``. Global
+  heads run through plain SDPA with the host's mask, which is exactly timm's fused path
+  (``fused_attn=True``, e.g. ``TIMM_FUSED_ATTN=2``): their outputs are then bit-for-bit the
+  unpatched ones. timm's default for Swin is its explicit path (``fused_attn`` is experimental
+  there); against that, global heads agree up to float32 rounding (SDPA's softmax is not the
+  explicit one).
+- SwinV2 (:class:`MaskedWindowAttentionV2`): cosine attention with a per-head logit scale and
+  a continuous position bias (``16 * sigmoid(cpb_mlp(...))``). The kernel gets
+  ``q' = normalize(q) * logit_scale``, ``k' = normalize(k)`` and ``scale=1.0``, so its scaled
+  logits are timm's ``cos(q, k) * logit_scale``; the bias plus the shift mask is its
+  ``attn_mask``. timm computes this attention explicitly (there is no fused SwinV2 path), so
+  global heads agree with the unpatched model up to float32 rounding, not bit for bit.
 
 Both read the window from ``module.window_size`` on every call, so they follow
-``set_input_size``/``set_window_size``. No attnmask kernel is involved: ``backend="auto"``
-runs the host's own arithmetic, ``backend="reference"`` computes the logits, softmax and
-weighted sum in float64 (for tests), and ``"sdpa"`` is refused.
+``set_input_size``/``set_window_size``. ``backend="reference"`` is the float64 reference kernel
+(explicit softmax attention in float64 on the q, k, v and host mask computed here).
 """
 
 from __future__ import annotations
@@ -32,7 +44,8 @@ from timm.models.swin_transformer import WindowAttention
 from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
 from torch import nn
 
-from ..masks import LocalMask, mask_logits
+from ..kernels import get_kernel
+from ..masks import LocalMask
 from ..spec import LayerPlan
 from .swap import ClassSwapAdapter
 from .timm_vit import timm_qkv
@@ -45,75 +58,92 @@ def _local_mask(module: nn.Module) -> LocalMask:
     return plan.local_mask((height, width), 0)
 
 
-def _add_shift_mask(attn: torch.Tensor, mask: Optional[torch.Tensor], num_heads: int) -> torch.Tensor:
-    """Add the host's shifted-window mask ``(num_windows, N, N)`` to ``(B * num_windows, H, N, N)`` logits."""
-    if mask is None:
-        return attn
-    num_win, n = mask.shape[0], attn.shape[-1]
-    attn = attn.view(-1, num_win, num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0).to(attn.dtype)
-    return attn.view(-1, num_heads, n, n)
+def host_attn_mask(bias: torch.Tensor, shift_mask: Optional[torch.Tensor], num_heads: int, batch_windows: int) -> torch.Tensor:
+    """The additive mask timm's fused path hands SDPA: the ``(1, H, N, N)`` position bias, plus
+    the shifted-window mask ``(num_windows, N, N)`` when there is one, as ``(B * num_windows, H, N, N)``
+    (windows of one image are consecutive in the batch)."""
+    if shift_mask is None:
+        return bias
+    num_win, n = shift_mask.shape[0], shift_mask.shape[-1]
+    shift = shift_mask.view(1, num_win, 1, n, n).expand(batch_windows // num_win, -1, num_heads, -1, -1)
+    return bias + shift.reshape(-1, num_heads, n, n)
 
 
 class MaskedWindowAttention(WindowAttention):
-    """Swin v1 ``WindowAttention`` whose chosen heads are local inside each attention window."""
+    """Swin v1 ``WindowAttention`` whose chosen heads are local inside each attention window.
+
+    Computes q, k, v and the host's mask (relative position bias + shifted-window mask) as
+    timm's fused path does and hands them to the layer's kernel.
+    """
 
     _attnmask_plan: LayerPlan
 
-    def _get_rel_pos_bias(self) -> torch.Tensor:
-        return mask_logits(super()._get_rel_pos_bias(), _local_mask(self))
-
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self._attnmask_plan.backend != "reference":
-            return super().forward(x, mask)
-        # Float64 reference: the host's explicit path, computed in double precision.
         B_, N, _ = x.shape
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.double().unbind(0)
-        attn = (q * self.scale) @ k.transpose(-2, -1) + self._get_rel_pos_bias().double()
-        attn = self.attn_drop(_add_shift_mask(attn, mask, self.num_heads).softmax(dim=-1))
-        x = (attn @ v).to(x.dtype).transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(x))
+        q, k, v = qkv.unbind(0)
+
+        attn_mask = host_attn_mask(self._get_rel_pos_bias(), mask, self.num_heads, B_)
+        x = get_kernel(self._attnmask_plan.backend)(
+            q,
+            k,
+            v,
+            _local_mask(self),
+            attn_mask=attn_mask.to(q.dtype),
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+            scale=self.scale,
+        )
+
+        x = x.transpose(1, 2).reshape(B_, N, -1)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+def continuous_position_bias(module: nn.Module) -> torch.Tensor:
+    """SwinV2's ``(1, H, N, N)`` position bias, ``16 * sigmoid(cpb_mlp(...))``, as timm computes it."""
+    window_area = module.window_size[0] * module.window_size[1]
+    table = module.cpb_mlp(module.relative_coords_table).view(-1, module.num_heads)
+    bias = table[module.relative_position_index.view(-1)].view(window_area, window_area, -1)
+    bias = bias.permute(2, 0, 1).contiguous()
+    return (16 * torch.sigmoid(bias)).unsqueeze(0)
 
 
 class MaskedWindowAttentionV2(WindowAttentionV2):
     """SwinV2 ``WindowAttention`` (cosine attention, continuous position bias) with local heads.
 
-    Repeats the host's forward; the only change is ``-inf`` on the position bias of masked
-    heads where the locality mask forbids attention (before the shift mask and the softmax).
+    Computes q, k, v as the host does; the cosine attention becomes kernel inputs
+    (``normalize(q) * logit_scale``, ``normalize(k)``, ``scale=1.0``) and the continuous
+    position bias plus the shifted-window mask the kernel's ``attn_mask``. timm's own forward
+    is explicit softmax attention, so outputs (global heads included) equal the unpatched
+    ones up to float32 rounding, not bit for bit.
     """
 
     _attnmask_plan: LayerPlan
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
-        reference = self._attnmask_plan.backend == "reference"
-
         qkv = timm_qkv(self, x)
         qkv = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        if reference:
-            qkv = qkv.double()
         q, k, v = qkv.unbind(0)
 
-        # cosine attention
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        # cosine attention: (normalize(q) * logit_scale) @ normalize(k)^T, unscaled
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
-        attn = attn * logit_scale.to(attn.dtype)
+        q = F.normalize(q, dim=-1) * logit_scale.to(q.dtype)
+        k = F.normalize(k, dim=-1)
 
-        window_area = self.window_size[0] * self.window_size[1]
-        relative_position_bias_table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-        relative_position_bias = relative_position_bias_table[self.relative_position_index.view(-1)].view(
-            window_area, window_area, -1
+        attn_mask = host_attn_mask(continuous_position_bias(self), mask, self.num_heads, B_)
+        x = get_kernel(self._attnmask_plan.backend)(
+            q,
+            k,
+            v,
+            _local_mask(self),
+            attn_mask=attn_mask.to(q.dtype),
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+            scale=1.0,
         )
-        relative_position_bias = relative_position_bias.permute(2, 0, 1).contiguous()
-        relative_position_bias = 16 * torch.sigmoid(relative_position_bias)
-        relative_position_bias = mask_logits(relative_position_bias, _local_mask(self))
-        attn = attn + relative_position_bias.unsqueeze(0).to(attn.dtype)
 
-        attn = _add_shift_mask(attn, mask, self.num_heads)
-        attn = self.softmax(attn)
-        attn = self.attn_drop(attn)
-
-        x = (attn @ v).to(x.dtype).transpose(1, 2).reshape(B_, N, C)
+        x = x.transpose(1, 2).reshape(B_, N, C)
         x = self.proj(x)
         x = self.proj_drop(x)
         return x
@@ -138,10 +168,6 @@ class TimmSwinAdapter(ClassSwapAdapter):
 
     name = "timm.swin"
     masked = _MASKED
-    # Masked heads run in the host's own window attention, not an attnmask kernel.
-    backends = ("auto", "reference")
-    modes = ("hard",)
-    backend_label = "timm's window attention, mask on the position bias (float64 with backend='reference')"
 
     def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
         """The first attention window: the grid the locality mask is laid on."""

@@ -82,7 +82,7 @@ def add_parser(commands) -> None:
         choices=MODES,
         help="mask mode: 'hard' (default: logits outside the window are -inf, zero attention there; "
         "strictly local, sparse kernels) or 'soft' (the paper's Eq. 2: they are set to 0, so out-of-window "
-        "keys keep a little weight; computed densely; not for Swin models)",
+        "keys keep a little weight; computed densely)",
     )
     convert.add_argument("--revision", metavar="REV", help="Hub revision of SOURCE (branch, tag or commit)")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only a model folder or an empty folder)")
