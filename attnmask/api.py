@@ -101,12 +101,6 @@ def apply(
             f"backend={backend!r} is not accepted for {adapter.name} models: their masked heads run in "
             f"the host's own attention code ({adapter.backend_label}); accepted: {list(accepted)}"
         )
-    modes = getattr(adapter, "modes", None)
-    if modes is not None and mode not in modes:
-        raise ValueError(
-            f"mode={mode!r} is not accepted for {adapter.name} models: the mask goes on the host's "
-            f"position bias, where a logit cannot be set to 0; accepted: {list(modes)}"
-        )
     sites = adapter.sites(model)
     if not sites:
         raise TypeError(f"attnmask found no attention layers to patch in {type(model).__name__}")

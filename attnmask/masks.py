@@ -15,6 +15,7 @@ mask from it, so backends agree by construction.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -341,10 +342,9 @@ def mask_logits(logits: torch.Tensor, mask: LocalMask) -> torch.Tensor:
     """Set the logits that the masked heads may not use: ``-inf`` in hard mode, 0 in soft mode
     (:func:`restrict`, with ``mask.mode``).
 
-    For host code that computes attention itself (talking heads, window attention with a
-    position bias). In soft mode ``logits`` must be real logits (CaiT's head-mixed ones): 0 on
-    an additive bias would not zero the logit it is added to, which is why the Swin adapters
-    accept hard mode only.
+    For host code that computes attention itself (CaiT's talking heads). In soft mode
+    ``logits`` must be real logits (CaiT's head-mixed ones): 0 on an additive bias would not
+    zero the logit it is added to.
 
     Args:
         logits: ``(..., num_heads, N, N)`` attention logits (or, hard mode only, additive bias).
@@ -373,27 +373,60 @@ def combine_masks(attn_mask: Optional[torch.Tensor], local: torch.Tensor, dtype:
 
 
 _CACHE_SIZE = 64
-_cache: OrderedDict[tuple, Any] = OrderedDict()
+_CACHE_BYTES = 1 << 30
+"""Bounds of the mask cache: at most this many entries and this many bytes (1 GiB; one
+dense fp32 mask at 4097 tokens is 67 MB). Least recently used entries go first."""
+_cache: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+_cache_bytes = 0
+_cache_lock = threading.Lock()
+
+
+def nbytes(value: Any) -> int:
+    """Bytes held by a cached value: tensors (their whole storage, so a view of a padded
+    buffer counts the buffer), tuples and lists of them, objects holding tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.untyped_storage().nbytes()
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(v) for v in value)
+    fields = getattr(value, "__dict__", None)
+    if fields is None and hasattr(value, "__dataclass_fields__"):
+        fields = {name: getattr(value, name) for name in value.__dataclass_fields__}
+    if fields:
+        return sum(nbytes(v) for v in fields.values() if isinstance(v, (torch.Tensor, tuple, list)))
+    return 0
 
 
 def cached(key: tuple, build: Callable[[], Any]) -> Any:
-    """Bounded LRU lookup shared by every mask form (dense, additive, block masks):
-    ``build()`` only on a miss. Keys start with what they hold."""
-    mask = _cache.get(key)
-    if mask is None:
-        mask = _cache[key] = build()
-        if len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    else:
-        _cache.move_to_end(key)
-    return mask
+    """Bounded LRU lookup shared by every mask form (dense, additive, block masks, blocked
+    indices): ``build()`` only on a miss. Keys start with what they hold. Bounded in entries
+    and in bytes (:func:`nbytes`); thread-safe (a miss may build twice, one copy is kept)."""
+    global _cache_bytes
+    with _cache_lock:
+        entry = _cache.get(key)
+        if entry is not None:
+            _cache.move_to_end(key)
+            return entry[0]
+    value = build()
+    size = nbytes(value)
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key][0]
+        _cache[key] = (value, size)
+        _cache_bytes += size
+        while len(_cache) > 1 and (len(_cache) > _CACHE_SIZE or _cache_bytes > _CACHE_BYTES):
+            _, (_, dropped) = _cache.popitem(last=False)
+            _cache_bytes -= dropped
+    return value
 
 
 def cache_info() -> dict[str, int]:
     """Size of the mask cache (for tests and debugging)."""
-    return {"entries": len(_cache), "max_entries": _CACHE_SIZE}
+    return {"entries": len(_cache), "max_entries": _CACHE_SIZE, "bytes": _cache_bytes, "max_bytes": _CACHE_BYTES}
 
 
 def clear_cache() -> None:
     """Drop every cached mask."""
-    _cache.clear()
+    global _cache_bytes
+    with _cache_lock:
+        _cache.clear()
+        _cache_bytes = 0

@@ -80,7 +80,7 @@ def test_output_layout_merges_heads_without_copy():
 def test_blocking_is_small_and_cached():
     mask = LocalMask((64, 64), (7, 7), 1, 12, tuple(range(12)))
     layout = blocking(mask, (8, 8), torch.device("cpu"))
-    assert blocking(mask, (8, 8), torch.device("cpu")) is layout
+    assert blocking(mask, (8, 8), torch.device("cpu")).keys is layout.keys  # cached, not rebuilt
     n = mask.num_tokens
     assert layout.halo_keys == 14 * 14 + 1 and layout.block_tokens == 64 and layout.blocks == 64
     assert layout.nbytes < n * n / 10  # O(N x halo), never N x N
@@ -102,3 +102,21 @@ def test_per_sample_positions_fall_back_to_sdpa():
     mask = LocalMask((3, 3), (3, 3), 1, 2, (0,), positions=positions)
     q, k, v = qkv(2, 2, 4, 8, seed=0)
     torch.testing.assert_close(blocked_attention(q, k, v, mask), reference_attention(q, k, v, mask), rtol=1e-10, atol=1e-10)
+
+
+def test_compiles_to_one_graph_that_builds_nothing():
+    """Under torch.compile the blocking is looked up at trace time: one graph, no breaks, and
+    no index or mask arithmetic in the graph (only the gathers, SDPA and the scatter)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    mask = LocalMask((9, 9), (3, 3), 1, 2, (0,))
+    q, k, v = qkv(2, 2, mask.num_tokens, 8, seed=0, dtype=torch.float32)
+    backend = CompileCounterWithBackend("eager")
+    compiled = torch.compile(lambda q, k, v: blocked_attention(q, k, v, mask, block=(4, 4)), backend=backend, fullgraph=True)
+    out = compiled(q, k, v)
+    compiled(q + 1, k, v)
+    assert backend.frame_count == 1
+    torch.testing.assert_close(out, blocked_attention(q, k, v, mask, block=(4, 4)))
+    ops = {str(node.target) for node in backend.graphs[0].graph.nodes if node.op == "call_function"}
+    assert not any(name in op for op in ops for name in ("arange", "stack", "masked_fill", "remainder", "floor"))

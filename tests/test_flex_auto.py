@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import geometries
 
-from attnmask.kernels import AUTO_TABLE, KERNELS, auto_choice, choose_backend, flex_attention, sdpa_attention
-from attnmask.kernels.auto import choose_rule
+from attnmask.kernels import AUTO_TABLE, KERNELS, auto_choice, auto_rule, choose_backend, flex_attention, sdpa_attention
+from attnmask.kernels import REGISTRY, Call, Measured
+from attnmask.kernels.auto import DEFAULT, choose_rule
 from attnmask.kernels.flex import FLEX_VARIANTS, inverse, tile_order
 from attnmask.masks import ALIGN, LocalMask, clear_cache
 
@@ -130,38 +131,82 @@ def test_flex_names_the_cpu_training_limit():
         flex_attention(q.requires_grad_(), k, v, mask)
 
 
-def test_auto_table_rows():
+def test_auto_cuda_rows():
+    """The H100 measurements decide CUDA calls (no blocked row on CUDA: never measured there)."""
     bf16 = torch.bfloat16
-    assert choose_backend("cpu", torch.float32, 1025, 1.0, False) == "sdpa"
-    assert choose_backend("cpu", torch.float32, 4097, 0.5, False) == "flex"
-    assert choose_backend("cpu", torch.float32, 4097, 0.5, True) == "sdpa"  # no FlexAttention backward on CPU
-    assert choose_backend("cpu", torch.float64, 4097, 0.5, False) == "sdpa"
     assert choose_backend("cuda", bf16, 197, 0.5, False) == "sdpa"
-    assert dict(choose_rule("cuda", bf16, 197, 0.5, False).options) == {"one_call": True}
-    assert dict(choose_rule("cuda", bf16, 1024, 0.5, False).options) == {"one_call": True}
+    assert dict(choose_rule(Call("cuda", bf16, 197, 0.5, False)).options) == {"one_call": True}
+    assert dict(choose_rule(Call("cuda", bf16, 1024, 0.5, False)).options) == {"one_call": True}
     assert choose_backend("cuda", bf16, 1025, 0.5, False) == "sdpa"  # ViT-B/16 at 512 px: flex 0.68x, sdpa 0.90x
-    assert dict(choose_rule("cuda", bf16, 1025, 0.5, False).options) == {}
+    assert dict(choose_rule(Call("cuda", bf16, 1025, 0.5, False)).options) == {}
     assert choose_backend("cuda", bf16, 4097, 0.5, False) == "flex"
-    assert dict(choose_rule("cuda", bf16, 4097, 0.5, False).options) == {"block_size": 64}
-    assert choose_backend("cuda", bf16, 4097, 1.0, True) == "flex"  # measured: 0.99x vs SDPA's 0.56x
-    assert dict(choose_rule("cuda", bf16, 4097, 1.0, True).options) == {}  # 64-token blocks: forward only
+    assert dict(choose_rule(Call("cuda", bf16, 4097, 0.5, False)).options) == {"block_size": 64}
+    assert choose_backend("cuda", bf16, 4097, 1.0, True) == "flex"  # measured: 0.71x / 0.99x vs SDPA's 0.60x / 0.56x
+    assert dict(choose_rule(Call("cuda", bf16, 4097, 1.0, True)).options) == {}  # 64-token blocks: forward only
+    assert choose_backend("cuda", bf16, 4097, 1.0, True, host_mask=True) == "sdpa"  # flex: no host-bias gradients
     assert choose_backend("cuda", bf16, 1025, 1.0, True) == "sdpa"
-    assert dict(choose_rule("cuda", bf16, 1025, 1.0, True).options) == {}  # no one-call in training
+    assert dict(choose_rule(Call("cuda", bf16, 1025, 1.0, True)).options) == {}  # no one-call in training
     assert choose_backend("cuda", torch.float32, 4097, 1.0, False) == "sdpa"
     assert choose_backend("cuda", bf16, 4097, 1.0, False, "soft") == "sdpa"
-    assert all(rule.evidence for rule in AUTO_TABLE)
-    assert AUTO_TABLE[-1].matches("xpu", torch.float64, 1, 0.0, True)  # a catch-all last row
+    assert choose_backend("cuda", bf16, 4097, 1.0, False, positions=True) == "sdpa"
+
+
+def test_auto_table_rows_are_measured_kernels_that_qualify():
+    assert AUTO_TABLE[-1] is DEFAULT and DEFAULT.backend == "sdpa"
+    assert all(row.evidence and row.backend in REGISTRY for row in AUTO_TABLE)
+    assert not any(row.backend == "reference" for row in AUTO_TABLE)  # float64, tests only
+    assert all(row.speed > 0 for row in AUTO_TABLE[:-1])
+    # The default runs every call whatever its facts.
+    odd = Call("xpu", torch.float64, 3, 0.3, True, "soft", host_mask=True, positions=True, dropout=True)
+    assert REGISTRY["sdpa"].capabilities.refusal(odd) is None
+    assert choose_rule(odd) is DEFAULT
+
+
+def test_capabilities_name_what_they_refuse():
+    flex = REGISTRY["flex"].capabilities
+    assert "training on cpu" in flex.refusal(Call("cpu", torch.float32, 4097, 1.0, True))
+    assert flex.refusal(Call("cuda", torch.bfloat16, 4097, 1.0, True)) is None
+    assert "dropout" in flex.refusal(Call("cuda", torch.bfloat16, 4097, 1.0, False, dropout=True))
+    blocked = REGISTRY["blocked"].capabilities
+    assert "positions" in blocked.refusal(Call("cpu", torch.float32, 4097, positions=True))
+    assert "soft mode with a host mask" in blocked.refusal(Call("cpu", torch.float32, 4097, mode="soft", host_mask=True))
+    assert blocked.refusal(Call("cpu", torch.float32, 4097, training=True, host_mask=True, dropout=True)) is None
+
+
+def test_auto_ranks_qualifying_rows_by_measured_speed(monkeypatch):
+    """The fastest matching row wins, unless its kernel does not qualify for the call."""
+    import attnmask.kernels.auto as auto
+
+    rows = (
+        Measured("flex", speed=3.0, device="cpu", evidence="test"),
+        Measured("blocked", speed=2.0, device="cpu", evidence="test"),
+        Measured("sdpa", speed=1.0, device="cpu", evidence="test"),
+        Measured("blocked", speed=9.0, device="cpu", min_tokens=10_000, evidence="test"),
+        auto.DEFAULT,
+    )
+    monkeypatch.setattr(auto, "AUTO_TABLE", rows)
+    assert choose_backend("cpu", torch.float32, 4097, 1.0, False) == "flex"
+    assert choose_backend("cpu", torch.float32, 4097, 1.0, True) == "blocked"  # flex: no CPU backward
+    assert choose_backend("cpu", torch.float32, 4097, 1.0, True, positions=True) == "sdpa"
+    assert choose_backend("cpu", torch.float32, 20_000, 1.0, False) == "blocked"
+    assert choose_backend("cuda", torch.float32, 4097, 1.0, False) == "sdpa"  # no CUDA row: the default
+    assert [row.speed for row, _ in auto.candidates(Call("cpu", torch.float32, 4097, training=True))] == [3.0, 2.0, 1.0]
 
 
 def test_auto_choice_reads_the_call():
     mask = LocalMask((48, 48), (7, 7), 1, 4, (0, 1))
     q = torch.zeros(1, 4, mask.num_tokens, 8)
-    assert auto_choice(q, mask) == "flex"  # CPU fp32 inference at 2305 tokens
-    assert auto_choice(q, mask, dropout_p=0.1) == "sdpa"
-    assert auto_choice(q.bfloat16(), mask) == "sdpa"
-    assert auto_choice(q.requires_grad_(), mask) == "sdpa"
+    assert auto_choice(q, mask) == "blocked"  # CPU fp32 inference at 2305 tokens
+    assert auto_choice(q, mask, dropout_p=0.1) == "blocked"  # blocked applies dropout in block space
+    assert auto_choice(q.bfloat16(), mask) == "sdpa"  # no measured bf16 CPU row
+    assert auto_choice(q.double(), mask) == "sdpa"
+    assert auto_choice(q, LocalMask((48, 48), (7, 7), 1, 4, (0, 1), positions=torch.zeros(1, 2305, dtype=torch.long))) == "sdpa"
+    small = LocalMask((14, 14), (7, 7), 1, 4, (0, 1))
+    assert auto_choice(torch.zeros(1, 4, small.num_tokens, 8), small) == "sdpa"  # 197 tokens
+    assert auto_choice(q, LocalMask((48, 48), (95, 95), 1, 4, (0, 1))) == "sdpa"  # the window covers the grid
     with torch.no_grad():
-        assert auto_choice(q, mask) == "flex"
+        assert auto_choice(q.requires_grad_(), mask) == "blocked"
+        assert auto_rule(q, mask).training is False
 
 
 def test_auto_counts_gradients_of_keys_and_values():
@@ -169,36 +214,43 @@ def test_auto_counts_gradients_of_keys_and_values():
     mask = LocalMask((48, 48), (7, 7), 1, 2, (0,))
     q, k, v = qkv(1, 2, mask.num_tokens, 8, dtype=torch.float32)
     v.requires_grad_()
-    assert auto_choice(q, mask, k=k, v=v) == "sdpa"
+    assert auto_rule(q, mask, k=k, v=v).training is True
+    assert auto_choice(q, mask, k=k, v=v) == "blocked"  # flex would not qualify: no CPU backward
     out = KERNELS["auto"](q, k, v, mask)
     out.sum().backward()
     assert v.grad is not None
 
 
 def test_describe_reports_what_auto_runs_prefix_tokens_included():
-    """768 px ViT-Ti/16: 48 x 48 patches + the class token = 2305 tokens, FlexAttention's row."""
+    """768 px ViT-Ti/16: 48 x 48 patches + the class token = 2305 tokens, a blocked row; 224 px:
+    197 tokens, no blocked row (one block covers the grid)."""
     timm = pytest.importorskip("timm")
     import attnmask
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=768, depth=1)
     attnmask.apply(model, heads=1, window=7)
-    assert attnmask.describe(model).resolved_backend == "flex"
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=752, depth=1)  # 47 x 47 + 1
+    assert attnmask.describe(model).resolved_backend == "blocked"
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=224, depth=1)
     attnmask.apply(model, heads=1, window=7)
     assert attnmask.describe(model).resolved_backend == "sdpa"
 
 
 def test_auto_runs_the_rule_with_its_options(monkeypatch):
-    """At high resolution on CPU, auto runs FlexAttention with the table's block size."""
-    import attnmask.kernels as kernels
+    """auto runs the kernel of the chosen row with that row's options."""
+    import dataclasses
 
+    import attnmask.kernels.auto as auto
+
+    row = Measured("blocked", speed=5.0, device="cpu", evidence="test", options=(("block", (4, 8)),))
+    monkeypatch.setattr(auto, "AUTO_TABLE", (row, auto.DEFAULT))
     seen = {}
-    monkeypatch.setitem(kernels.KERNELS, "flex", lambda q, k, v, mask, **kw: seen.update(kw) or q)
+    spy = dataclasses.replace(REGISTRY["blocked"], run=lambda q, k, v, mask, **kw: seen.update(kw) or q)
+    monkeypatch.setitem(REGISTRY, "blocked", spy)
     mask = LocalMask((64, 64), (7, 7), 1, 2, (0,))
     q = torch.zeros(1, 2, mask.num_tokens, 8)
     with torch.no_grad():
-        kernels.auto_attention(q, q, q, mask)
-    assert seen["block_size"] == 64
+        auto.auto_attention(q, q, q, mask)
+    assert seen["block"] == (4, 8)
 
 
 def test_auto_on_cpu_is_the_sdpa_kernel_bit_for_bit():

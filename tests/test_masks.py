@@ -92,3 +92,15 @@ def test_forbidden_is_the_negated_per_head_mask_and_cached(geometry):
     out = masks.mask_logits(logits, mask)
     assert torch.equal(out.isneginf(), expected.expand_as(out) if not mask.is_identity else torch.zeros_like(out, dtype=torch.bool))
     assert torch.equal(out[~out.isneginf()], logits[~out.isneginf()])
+
+
+def test_cache_is_bounded_in_bytes(monkeypatch):
+    masks.clear_cache()
+    monkeypatch.setattr(masks, "_CACHE_BYTES", 3 * 400 * 4)  # room for three 20 x 20 fp32 masks
+    for side in range(1, 8):
+        masks.cached(("test-bytes", side), lambda: torch.zeros(20, 20))
+    info = masks.cache_info()
+    assert info["entries"] == 3 and info["bytes"] == 3 * 1600
+    assert masks.cached(("test-bytes", 7), lambda: None) is not None  # the newest stay
+    masks.clear_cache()
+    assert masks.cache_info()["bytes"] == 0

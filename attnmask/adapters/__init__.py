@@ -63,9 +63,6 @@ class Adapter(Protocol):
     # than an attnmask kernel: the ``backend`` values they honour and what runs instead.
     # backends: tuple[str, ...]
     # backend_label: str
-    # Optional, for adapters that can only apply some mask modes (the mask goes on a host
-    # position bias, so a logit cannot be set to 0): the ``mode`` values they honour.
-    # modes: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,12 @@ import torch
 
 from ..masks import LocalMask
 from . import record
-from .auto import AUTO_TABLE, auto_choice, auto_rule, choose_backend
+from .auto import AUTO_TABLE, auto_attention, auto_choice, auto_rule, choose_backend
 from .blocked import blocked_attention
+from .capabilities import Backend, Call, Capabilities, Measured
 from .flex import flex_attention
 from .reference import reference_attention
+from .registry import REGISTRY
 from .sdpa import sdpa_attention
 
 
@@ -40,34 +42,8 @@ class Kernel(Protocol):
     ) -> torch.Tensor: ...
 
 
-def auto_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: LocalMask,
-    *,
-    attn_mask: Optional[torch.Tensor] = None,
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-) -> torch.Tensor:
-    """Run the backend (and its options) that :func:`~attnmask.kernels.auto.auto_rule` picks
-    for this call."""
-    rule = auto_rule(q, mask, dropout_p, k, v)
-    if rule.backend == "flex" and rule.training and attn_mask is not None:
-        # Gradients through a host bias captured by FlexAttention's score_mod are not measured
-        # (nor tested on CUDA): training with a host mask stays on SDPA.
-        rule = AUTO_TABLE[-1]
-    return KERNELS[rule.backend](q, k, v, mask, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, **dict(rule.options))
-
-
-KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    "auto": auto_attention,
-    "sdpa": sdpa_attention,
-    "flex": flex_attention,
-    "blocked": blocked_attention,
-    "reference": reference_attention,
-}
-"""Registered backends by name."""
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {"auto": auto_attention, **{name: b.run for name, b in REGISTRY.items()}}
+"""Registered backends by name (``"auto"`` first, then :data:`~attnmask.kernels.registry.REGISTRY`)."""
 
 BACKENDS = tuple(KERNELS)
 """Names ``apply(backend=...)`` accepts."""
@@ -97,6 +73,11 @@ def get_kernel(name: str) -> Callable[..., torch.Tensor]:
 
 __all__ = [
     "AUTO_TABLE",
+    "Backend",
+    "Call",
+    "Capabilities",
+    "Measured",
+    "REGISTRY",
     "BACKENDS",
     "KERNELS",
     "Kernel",

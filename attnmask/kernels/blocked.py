@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import LocalMask, cached
+from .capabilities import Backend, Capabilities, Measured
 from .common import split_heads_into
 from .sdpa import sdpa_attention
 
@@ -77,12 +78,17 @@ class BlockRule:
         )
 
 
-BLOCK_TABLE: tuple[BlockRule, ...] = (
-    BlockRule(
-        (8, 8),
-        evidence="placeholder",
-    ),
+CPU_EVIDENCE_BLOCKS = (
+    "CPU (2-core AMD EPYC, torch 2.14.1, fp32, batch 1 (2 at 577 tokens), 12 heads x 64, 7x7 window, class "
+    "token; benchmarks/results/blocked_sweep_cpu-amd-epyc.json), speed relative to dense SDPA with all heads "
+    "masked, forward / forward+backward, for query blocks 8x8, 8x16, 16x16, 7x7, 4x8: 577 tokens 1.36/1.31, "
+    "0.74/0.94, 0.48/0.57, 0.69/0.96, 0.96/1.12; 1025 tokens 1.88/1.72, 1.58/1.76, 1.27/1.44, 1.65/1.48, "
+    "1.92/1.88; 2305 tokens 3.87/4.52, 4.14/3.80, 3.28/3.37, 3.74/3.77, 3.37/3.60; 4097 tokens 5.64/5.64, "
+    "6.00/5.35, 4.49/4.44, 4.72/4.66, 5.80/5.05. 8x8 is best or within 7% of the best everywhere (cells vary "
+    "5-15% run to run here); no other shape wins consistently, so one row. Not measured on GPUs."
 )
+
+BLOCK_TABLE: tuple[BlockRule, ...] = (BlockRule((8, 8), evidence=CPU_EVIDENCE_BLOCKS),)
 """Query block per geometry, first match wins; ``block=`` overrides it."""
 
 
@@ -112,18 +118,24 @@ class Blocking:
             prefix tokens where patch queries may see them).
         owner: ``(patches,)`` position in ``queries`` whose output each patch token takes.
         allowed: ``(1, blocks, block_tokens, halo_keys)`` boolean window mask in block space.
-        blocks: Number of blocks.
-        block_tokens: Queries per block.
-        halo_keys: Keys per block.
     """
 
     queries: torch.Tensor
     keys: torch.Tensor
     owner: torch.Tensor
     allowed: torch.Tensor
-    blocks: int
-    block_tokens: int
-    halo_keys: int
+
+    @property
+    def blocks(self) -> int:
+        return self.allowed.shape[1]
+
+    @property
+    def block_tokens(self) -> int:
+        return self.allowed.shape[2]
+
+    @property
+    def halo_keys(self) -> int:
+        return self.allowed.shape[3]
 
     @property
     def nbytes(self) -> int:
@@ -158,26 +170,39 @@ def build_blocking(mask: LocalMask, block: Block, device: torch.device) -> Block
         keys=key_index.reshape(-1).to(device),
         owner=owner.to(device),
         allowed=allowed[None].contiguous().to(device),
-        blocks=query_index.shape[0],
-        block_tokens=query_index.shape[1],
-        halo_keys=key_index.shape[1],
     )
 
 
 def blocking(mask: LocalMask, block: Block, device: torch.device) -> Blocking:
-    """:func:`build_blocking`, cached per (geometry, block, device)."""
-    key = ("blocked", mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block, device)
-    return cached(key, lambda: build_blocking(mask, block, device))
+    """:func:`build_blocking`, cached per (geometry, block, device). Under ``torch.compile``
+    the lookup runs once, at trace time, and its tensors become constants of the graph: a
+    compiled forward builds nothing."""
+    return Blocking(*_cached_tensors(mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block, str(device), None))
 
 
-def additive_window(mask: LocalMask, layout: Blocking, block: Block, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``layout.allowed`` as an additive mask in ``dtype`` (0 / ``-inf``), cached."""
-    key = ("blocked-additive", mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block, dtype, device)
+def additive_window(mask: LocalMask, block: Block, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The block-space window as an additive mask in ``dtype`` (0 / ``-inf``), cached like
+    :func:`blocking`."""
+    return _cached_tensors(mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block, str(device), dtype)[0]
+
+
+@torch._dynamo.assume_constant_result
+def _cached_tensors(
+    grid: Block, window: Block, prefix_tokens: int, prefix: str, block: Block, device: str, dtype: Optional[torch.dtype]
+) -> tuple[torch.Tensor, ...]:
+    """The tensors of a :class:`Blocking` (``dtype=None``) or its additive window (one
+    tensor), from the shared mask cache. Arguments are plain constants so that dynamo can
+    run this at trace time (``assume_constant_result``) instead of tracing the cache."""
+    geometry = LocalMask(grid, window, prefix_tokens, 1, (0,), prefix)
+    place = torch.device(device)
+    layout = cached(("blocked", grid, window, prefix_tokens, prefix, block, place), lambda: build_blocking(geometry, block, place))
+    if dtype is None:
+        return (layout.queries, layout.keys, layout.owner, layout.allowed)
 
     def build() -> torch.Tensor:
-        return torch.zeros(layout.allowed.shape, dtype=dtype, device=device).masked_fill(~layout.allowed, float("-inf"))
+        return torch.zeros(layout.allowed.shape, dtype=dtype, device=place).masked_fill(~layout.allowed, float("-inf"))
 
-    return cached(key, build)
+    return (cached(("blocked-additive", grid, window, prefix_tokens, prefix, block, dtype, place), build),)
 
 
 def blocked_attention(
@@ -238,9 +263,22 @@ def blocked_attention(
             patches = _soft_blocks(q_, k_, v_, layout, scale)
         else:
             patches = _hard_blocks(q_, k_, v_, mask, layout, chosen, host, dropout_p, scale)
-        out[:, prefix_tokens:] = patches.index_select(2, layout.owner).transpose(1, 2)
+        _scatter(patches, out[:, prefix_tokens:], mask.grid, chosen, layout)
 
     return split_heads_into(q, k, v, mask, attn_mask, masked_heads, dropout_p=dropout_p, scale=scale)
+
+
+def _scatter(patches: torch.Tensor, out: torch.Tensor, grid: Block, block: Block, layout: Blocking) -> None:
+    """Write block outputs ``(batch, heads, blocks * block_tokens, dim)`` into ``out``
+    ``(batch, patches, heads, dim)``, in token order. Blocks that tile the grid exactly are
+    one strided copy; shifted (overlapping) blocks take each patch from its owner block."""
+    (height, width), (bh, bw) = grid, block
+    if height % bh or width % bw:
+        out.copy_(patches.index_select(2, layout.owner).transpose(1, 2))
+        return
+    batch, heads, _, dim = patches.shape
+    tiles = patches.view(batch, heads, height // bh, width // bw, bh, bw, dim).permute(0, 2, 4, 3, 5, 1, 6)
+    out.view(batch, height // bh, bh, width // bw, bw, heads, dim).copy_(tiles)
 
 
 def _check_block(block) -> Block:
@@ -266,7 +304,7 @@ def _hard_blocks(q, k, v, mask: LocalMask, layout: Blocking, block: Block, host,
     kb = _gather(k, layout.keys, layout.blocks)
     vb = _gather(v, layout.keys, layout.blocks)
     if host is None:
-        window = additive_window(mask, layout, block, q.dtype, q.device) if q.dtype.is_floating_point else layout.allowed
+        window = additive_window(mask, block, q.dtype, q.device) if q.dtype.is_floating_point else layout.allowed
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=window, dropout_p=dropout_p, scale=scale)
     else:
         bias = _host_blocks(host, q, layout)  # (b, h, blocks, bq, keys)
@@ -316,3 +354,41 @@ def _soft_blocks(q, k, v, layout: Blocking, scale: float) -> torch.Tensor:
     numerator = (weights - rest * allowed) @ vb + rest * total
     denominator = weights.sum(-1, keepdim=True) + rest * outside
     return (numerator / denominator).to(q.dtype).view(batch, heads, -1, dim_v)
+
+
+CPU_EVIDENCE_HARD = (
+    "CPU (2-core AMD EPYC, torch 2.14.1, fp32, 12 heads x 64, 7x7 window, class token, 8x8 query blocks; "
+    "benchmarks/results/blocked_sweep_cpu-amd-epyc.json), speed relative to dense SDPA, half / all heads masked, "
+    "forward: 577 tokens 0.91x / 1.36x (SDPA 0.84x / 0.94x), 1025 tokens 1.18x / 1.88x (SDPA 0.88x / 0.87x, "
+    "FlexAttention 0.84x / 0.88x), 2305 tokens 1.53x / 3.87x (FlexAttention 1.10x / 1.49x), 4097 tokens "
+    "1.63x / 5.64x (FlexAttention 1.32x / 2.35x); forward+backward: 577 tokens 1.16x / 1.31x (SDPA 0.94x / "
+    "1.07x), 1025 tokens 1.23x / 1.72x, 2305 tokens 1.66x / 4.52x, 4097 tokens 1.40x / 5.64x (SDPA 0.91x / 0.98x). "
+    "At 197 tokens one block covers the whole grid and the gathers are pure overhead (0.3x-0.6x of dense, "
+    "SDPA 0.5x-1.0x): no row there. Rows give the half-masked speed (the lower one)."
+)
+CPU_EVIDENCE_SOFT = (
+    "CPU, soft mode, as above (benchmarks/results/blocked_sweep_soft_cpu-amd-epyc.json): half / all heads "
+    "masked, forward: 4097 tokens 1.12x / 1.46x dense, where SDPA's dense soft path reaches 0.28x / 0.16x; "
+    "forward+backward 1.31x / 2.34x (SDPA 0.40x / 0.25x). At 577 and 1025 tokens the explicit block-space "
+    "arithmetic loses to SDPA's soft path (0.13x-0.41x vs 0.28x-0.61x); 1026-4096 tokens are not measured "
+    "and stay on SDPA."
+)
+
+def _cpu_fp32(speed: float, min_tokens: int, max_tokens: Optional[int], **conditions) -> Measured:
+    return Measured("blocked", speed, device="cpu", dtypes=(torch.float32,), min_tokens=min_tokens, max_tokens=max_tokens, **conditions)
+
+
+BACKEND = Backend(
+    name="blocked",
+    run=blocked_attention,
+    # Per-sample positions, and soft mode with a host mask or dropout, run sdpa inside.
+    capabilities=Capabilities(positions=False, soft_host_masks=False, soft_dropout=False),
+    rows=(
+        _cpu_fp32(0.91, 577, 1024, training=False, evidence=CPU_EVIDENCE_HARD),
+        _cpu_fp32(1.16, 577, 1024, training=True, evidence=CPU_EVIDENCE_HARD),
+        _cpu_fp32(1.18, 1025, None, training=False, evidence=CPU_EVIDENCE_HARD),
+        _cpu_fp32(1.23, 1025, None, training=True, evidence=CPU_EVIDENCE_HARD),
+        _cpu_fp32(1.12, 4097, None, training=False, evidence=CPU_EVIDENCE_SOFT, modes=("soft",)),
+        _cpu_fp32(1.31, 4097, None, training=True, evidence=CPU_EVIDENCE_SOFT, modes=("soft",)),
+    ),
+)

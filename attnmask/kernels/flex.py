@@ -39,6 +39,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention as _flex_attention
 
 from ..masks import LocalMask, MaskMod, at_positions, cached
+from .capabilities import Backend, Capabilities, Measured
 from .common import split_heads
 
 ORDERS = ("rows", "tiles")
@@ -309,3 +310,65 @@ def host_score_mod(host: torch.Tensor, dtype: torch.dtype, perm: Optional[torch.
         return score + bias[b if per_batch else 0, h if per_head else 0, q_idx, kv_idx]
 
     return host_bias
+
+
+CPU_EVIDENCE_FLEX = (
+    "CPU (2-core AMD EPYC, 2 threads, torch 2.14.1, fp32, batch 1, 12 heads x 64, 7x7 window, forward; "
+    "benchmarks/results/cpu-amd-epyc.json), speed relative to dense SDPA, half / all heads masked: compiled "
+    "FlexAttention with 64-blocks 1.17x / 1.43x at 2305 tokens and 1.40x / 2.16x at 4097, against 0.90x / "
+    "0.88x and 0.93x / 0.88x for the SDPA kernel; 128-blocks 0.98x / 0.97x and 1.32x / 1.72x. At 1025 "
+    "tokens and below FlexAttention lost (0.91x / 0.78x against SDPA's 1.05x / 0.90x). Whole timm "
+    "ViT-B/16 at 1024 px, inference: auto 1.18x the unpatched throughput, sdpa 0.99x. No backward on CPU."
+)
+CUDA_EVIDENCE_FLEX = (
+    "H100, bf16, torch 2.11, 12 heads x 64, 7x7 window, class token, forward "
+    "(benchmarks/results/gpu_probe_h100.json; ratio to dense flash SDPA, per call / back to back): "
+    "1025 tokens, half the heads masked: FlexAttention with 64-token blocks 0.82x / 0.68x, SDPA split "
+    "0.76x / 0.63x, 128-token blocks 0.56x / 0.51x; 4097 tokens, half: 0.85x / 0.91x vs SDPA 0.77x / 0.71x; "
+    "all: 0.92x / 1.22x vs 0.73x / 0.62x. Whole timm ViT-B/16 at 1024 px, half the heads masked: 0.966x "
+    "the unpatched throughput with 64-token blocks, SDPA split 0.823x, 128-token blocks 0.840x; with "
+    "this row, auto 0.96x vs sdpa 0.86x (benchmarks/results/nvidia-h100-80gb-hbm3-auto.json). Not "
+    "below 4097 tokens: at 512 px (1025 tokens) 64-token blocks gave 0.68x the unpatched ViT-B/16 "
+    "against SDPA's 0.90x, although the attention-level probe favoured them; 1026-4096 tokens are "
+    "not measured and stay on SDPA."
+)
+CUDA_EVIDENCE_FLEX_TRAIN = (
+    "H100, bf16, torch 2.11, forward+backward (benchmarks/results/nvidia-h100-80gb-hbm3.json): 4097 "
+    "tokens, FlexAttention (128-token blocks) 0.71x / 0.99x dense with half / all heads masked, SDPA 0.60x / "
+    "0.56x; at 1025 tokens SDPA wins (0.49x / 0.65x vs 0.45x / 0.56x). ViT-B/16 training step at 1024 px: "
+    "flex 0.87x the unpatched model, sdpa 0.80x (benchmarks/results/h100-logs/call1-device_check.log)."
+)
+
+BACKEND = Backend(
+    name="flex",
+    run=flex_attention,
+    # No CPU backward in torch; no dropout; gradients through a host bias captured by the
+    # score_mod are neither measured nor tested on CUDA. Per-sample positions build a block
+    # mask per forward (never measured to pay off).
+    capabilities=Capabilities(
+        backward=("cuda",), dropout=False, soft_dropout=False, host_masks_in_training=False, positions=False
+    ),
+    rows=(
+        Measured(
+            "flex",
+            speed=1.17,
+            device="cpu",
+            dtypes=(torch.float32,),
+            min_tokens=2305,
+            training=False,
+            options=(("block_size", 64),),
+            evidence=CPU_EVIDENCE_FLEX,
+        ),
+        Measured(
+            "flex",
+            speed=0.85,
+            device="cuda",
+            dtypes=(torch.bfloat16, torch.float16),
+            min_tokens=4097,
+            training=False,
+            options=(("block_size", 64),),
+            evidence=CUDA_EVIDENCE_FLEX,
+        ),
+        Measured("flex", speed=0.71, device="cuda", min_tokens=4097, training=True, evidence=CUDA_EVIDENCE_FLEX_TRAIN),
+    ),
+)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ..masks import LocalMask
+from .capabilities import Backend, Capabilities
 from .common import explicit_probs
 
 
@@ -42,3 +43,7 @@ def reference_attention(
         raise ValueError(f"dropout_p={dropout_p!r} is not accepted by the reference backend: it is deterministic (use 0.0)")
     probs = explicit_probs(q, k, mask.dense(q.device), mask.mode, attn_mask, scale, torch.float64)
     return (probs @ v.double()).to(q.dtype)
+
+
+BACKEND = Backend(name="reference", run=reference_attention, capabilities=Capabilities(dropout=False, soft_dropout=False), auto=False)
+"""Float64, for tests: ``auto`` never picks it."""

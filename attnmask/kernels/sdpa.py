@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import LocalMask, combine_masks
+from .capabilities import Backend, Capabilities, Measured
 from .common import explicit_probs, split_heads
 
 
@@ -154,3 +155,48 @@ def soft_attention(
     if dropout_p:
         weights = F.dropout(weights, p=dropout_p)
     return (weights @ v.to(weights.dtype)).to(q.dtype)
+
+
+CUDA_EVIDENCE_ONE_CALL = (
+    "H100, bf16, torch 2.11, below 1025 tokens (benchmarks/results/gpu_probe_h100.json): 197 tokens, half "
+    "the heads masked: every head in one cuDNN SDPA call with a per-head additive mask 0.90x / 0.63x dense "
+    "(per call / back to back), the split path 0.67x / 0.49x; all heads masked: 0.78x / 0.62x vs 0.98x / "
+    "0.63x. Whole timm ViT-B/16 at 224 px, half masked: 0.936x the unpatched throughput, split 0.902x, "
+    "FlexAttention 0.71x-0.76x; with this row, auto 0.95x vs sdpa 0.92x "
+    "(benchmarks/results/nvidia-h100-80gb-hbm3-auto.json). At 1025 tokens the split path wins "
+    "(0.76x vs 0.69x per call), so the row stops at 1024."
+)
+CUDA_EVIDENCE_SPLIT = (
+    "H100, bf16, torch 2.11, 12 heads x 64, 7x7 window, forward, per call (benchmarks/results/gpu_probe_h100.json): "
+    "SDPA split into global and masked heads 0.67x dense at 197 tokens, 0.76x at 1025 and 0.77x at 4097 with half "
+    "the heads masked; forward+backward 0.49x / 0.65x at 1025 tokens, 0.60x / 0.56x at 4097 (half / all; "
+    "benchmarks/results/nvidia-h100-80gb-hbm3.json)."
+)
+CPU_EVIDENCE_SDPA = (
+    "CPU (2-core AMD EPYC, torch 2.14.1, fp32, 12 heads x 64, 7x7 window): SDPA with the cached additive mask, "
+    "0.75x-1.05x dense SDPA at 197-1025 tokens (benchmarks/results/cpu-amd-epyc.json; cells of 10-20 ms vary by "
+    "5-15% run to run here)."
+)
+
+BACKEND = Backend(
+    name="sdpa",
+    run=sdpa_attention,
+    capabilities=Capabilities(),
+    rows=(
+        Measured(
+            "sdpa",
+            speed=0.90,
+            device="cuda",
+            dtypes=(torch.bfloat16, torch.float16),
+            max_tokens=1024,
+            training=False,
+            options=(("one_call", True),),
+            evidence=CUDA_EVIDENCE_ONE_CALL,
+        ),
+        Measured("sdpa", speed=0.67, device="cuda", max_tokens=1024, evidence=CUDA_EVIDENCE_SPLIT),
+        Measured("sdpa", speed=0.76, device="cuda", min_tokens=1025, training=False, evidence=CUDA_EVIDENCE_SPLIT),
+        Measured("sdpa", speed=0.60, device="cuda", min_tokens=1025, training=True, evidence=CUDA_EVIDENCE_SPLIT),
+        Measured("sdpa", speed=0.90, device="cpu", evidence=CPU_EVIDENCE_SDPA),
+    ),
+)
+"""SDPA runs every call (the fallback of every other kernel and of ``auto``)."""
