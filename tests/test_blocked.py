@@ -120,3 +120,55 @@ def test_compiles_to_one_graph_that_builds_nothing():
     torch.testing.assert_close(out, blocked_attention(q, k, v, mask, block=(4, 4)))
     ops = {str(node.target) for node in backend.graphs[0].graph.nodes if node.op == "call_function"}
     assert not any(name in op for op in ops for name in ("arange", "stack", "masked_fill", "remainder", "floor"))
+
+
+def test_inference_reuses_gather_buffers_without_aliasing_outputs():
+    """Without gradients the gathers go into per-thread buffers: a later call (another layer,
+    another geometry, another dtype) must not change an earlier output, and each output stays
+    exact; with gradients nothing is reused (autograd saves the gathered tensors)."""
+    from attnmask.kernels import blocked
+
+    blocked.release_workspace()
+    big = LocalMask((9, 7), (3, 5), 1, 4, (0, 2, 3))
+    small = LocalMask((5, 6), (3, 3), 2, 4, (1,))
+    calls = [(big, 0, torch.float32), (small, 1, torch.float32), (big, 2, torch.float64), (big, 3, torch.float32)]
+    with torch.no_grad():
+        outs = [blocked_attention(*qkv(2, 4, mask.num_tokens, 8, seed, dtype=dtype), mask, block=(2, 3)) for mask, seed, dtype in calls]
+    assert blocked.workspace_bytes() > 0
+    for (mask, seed, dtype), out in zip(calls, outs):
+        q, k, v = qkv(2, 4, mask.num_tokens, 8, seed, dtype=dtype)
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(out, reference_attention(q, k, v, mask).to(dtype), rtol=tol, atol=tol)
+    with torch.inference_mode():  # buffers made outside inference mode are not written inside it, and back
+        blocked_attention(*qkv(1, 4, big.num_tokens, 8, 5), big, block=(2, 3))
+    with torch.no_grad():
+        blocked_attention(*qkv(1, 4, big.num_tokens, 8, 5), big, block=(2, 3))
+    blocked.release_workspace()
+    assert blocked.workspace_bytes() == 0
+    q, k, v = qkv(2, 4, big.num_tokens, 8, 7, dtype=torch.float32, grad=True)
+    blocked_attention(q, k, v, big, block=(2, 3)).sum().backward()
+    assert blocked.workspace_bytes() == 0
+
+
+def test_threads_get_their_own_gather_buffers():
+    import threading
+
+    mask = LocalMask((12, 12), (3, 3), 1, 4, (0, 1, 2, 3))
+    inputs = [qkv(2, 4, mask.num_tokens, 16, seed, dtype=torch.float32) for seed in range(4)]
+    expected = [reference_attention(*t, mask).float() for t in inputs]
+    errors = []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(20):
+                    torch.testing.assert_close(blocked_attention(*inputs[i], mask, block=(4, 4)), expected[i], rtol=1e-5, atol=1e-5)
+        except Exception as error:  # reported below: a thread's failure must fail the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors

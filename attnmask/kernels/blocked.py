@@ -38,6 +38,8 @@ Backward is autograd through ``index_select`` and SDPA.
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -85,7 +87,9 @@ CPU_EVIDENCE_BLOCKS = (
     "0.74/0.94, 0.48/0.57, 0.69/0.96, 0.96/1.12; 1025 tokens 1.88/1.72, 1.58/1.76, 1.27/1.44, 1.65/1.48, "
     "1.92/1.88; 2305 tokens 3.87/4.52, 4.14/3.80, 3.28/3.37, 3.74/3.77, 3.37/3.60; 4097 tokens 5.64/5.64, "
     "6.00/5.35, 4.49/4.44, 4.72/4.66, 5.80/5.05. 8x8 is best or within 7% of the best everywhere (cells vary "
-    "5-15% run to run here); no other shape wins consistently, so one row. Not measured on GPUs."
+    "5-15% run to run here). On a 2-core Intel Xeon (benchmarks/results/cpu-intel-r-xeon-r-processor.json), "
+    "8x8 / 8x16 / 16x16, forward / forward+backward: 1025 tokens 1.54/1.72, 1.49/1.59, 1.24/1.35; 4097 tokens "
+    "6.41/4.86, 5.65/5.30, 4.62/4.93. Not measured on GPUs."
 )
 
 BLOCK_TABLE: tuple[BlockRule, ...] = (BlockRule((8, 8), evidence=CPU_EVIDENCE_BLOCKS),)
@@ -291,18 +295,72 @@ def _check_block(block) -> Block:
     return int(block[0]), int(block[1])
 
 
-def _gather(t: torch.Tensor, index: torch.Tensor, blocks: int) -> torch.Tensor:
-    """``t[:, :, index]`` as ``(batch * heads, blocks, per_block, dim)``."""
+class _Workspace(threading.local):
+    """The calling thread's reusable gather buffers (CPU inference), one flat buffer per role
+    and (device, dtype, inference mode), grown to the largest call and then reused."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+
+_workspace = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the calling thread's gather buffers (see :func:`workspace_bytes`)."""
+    _workspace.buffers.clear()
+
+
+def workspace_bytes() -> int:
+    """Bytes the calling thread holds in gather buffers.
+
+    On CPU, without gradients, the blocked backend gathers queries, keys and values into
+    buffers it keeps per thread instead of allocating them on every call: glibc hands freed
+    blocks of more than a few MB back to the system, and re-faulting those pages on every call
+    measured up to 1.9x the time of the call itself at 1025-4097 tokens. The buffers hold the
+    largest call seen (about ``(2 * halo_keys / block_tokens + 1) * batch * heads * tokens *
+    head_dim`` elements); :func:`release_workspace` frees them.
+    """
+    return sum(buffer.numel() * buffer.element_size() for buffer in _workspace.buffers.values())
+
+
+def _reuses_workspace(*tensors: torch.Tensor) -> bool:
+    """Whether this call may gather into the thread's buffers: CPU, no tensor that autograd
+    would save (a buffer overwritten by the next call must not be saved for backward), not
+    while torch.compile traces (inductor plans its own buffers)."""
+    if tensors[0].device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _buffer(role: str, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    key = (role, like.device, like.dtype, torch.is_inference_mode_enabled())
+    numel = math.prod(shape)
+    flat = _workspace.buffers.get(key)
+    if flat is None or flat.numel() < numel:
+        _workspace.buffers.pop(key, None)  # free the old one before allocating the larger one
+        flat = _workspace.buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return flat[:numel].view(shape)
+
+
+def _gather(t: torch.Tensor, index: torch.Tensor, blocks: int, role: Optional[str] = None) -> torch.Tensor:
+    """``t[:, :, index]`` as ``(batch * heads, blocks, per_block, dim)``; with ``role``,
+    written into the thread's buffer for that role (see :func:`workspace_bytes`)."""
     batch, heads, _, dim = t.shape
-    return t.index_select(2, index).view(batch * heads, blocks, -1, dim)
+    if role is None:
+        return t.index_select(2, index).view(batch * heads, blocks, -1, dim)
+    out = _buffer(role, t, (batch, heads, index.numel(), dim))
+    torch.index_select(t, 2, index, out=out)
+    return out.view(batch * heads, blocks, -1, dim)
 
 
 def _hard_blocks(q, k, v, mask: LocalMask, layout: Blocking, block: Block, host, dropout_p: float, scale: float) -> torch.Tensor:
     """Block outputs ``(batch, heads, blocks * block_tokens, dim_v)`` in hard mode."""
     batch, heads = q.shape[:2]
-    qb = _gather(q, layout.queries, layout.blocks)
-    kb = _gather(k, layout.keys, layout.blocks)
-    vb = _gather(v, layout.keys, layout.blocks)
+    reuse = _reuses_workspace(q, k, v)
+    qb = _gather(q, layout.queries, layout.blocks, "q" if reuse else None)
+    kb = _gather(k, layout.keys, layout.blocks, "k" if reuse else None)
+    vb = _gather(v, layout.keys, layout.blocks, "v" if reuse else None)
     if host is None:
         window = additive_window(mask, block, q.dtype, q.device) if q.dtype.is_floating_point else layout.allowed
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=window, dropout_p=dropout_p, scale=scale)
@@ -338,9 +396,10 @@ def _soft_blocks(q, k, v, layout: Blocking, scale: float) -> torch.Tensor:
     """Block outputs in soft mode (no host mask, no dropout), exact: see the module docstring."""
     batch, heads, tokens, dim_v = *q.shape[:3], v.shape[-1]
     dtype = torch.promote_types(q.dtype, torch.float32)
-    qb = _gather(q, layout.queries, layout.blocks).to(dtype)
-    kb = _gather(k, layout.keys, layout.blocks).to(dtype)
-    vb = _gather(v, layout.keys, layout.blocks).to(dtype)
+    reuse = _reuses_workspace(q, k, v)
+    qb = _gather(q, layout.queries, layout.blocks, "q" if reuse else None).to(dtype)
+    kb = _gather(k, layout.keys, layout.blocks, "k" if reuse else None).to(dtype)
+    vb = _gather(v, layout.keys, layout.blocks, "v" if reuse else None).to(dtype)
     allowed = layout.allowed
     logits = (qb @ kb.transpose(-2, -1)) * scale
     logits = logits.masked_fill(~allowed, float("-inf"))
