@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,7 +43,8 @@ library versions it was measured.
   not counted). On CUDA every sample is bracketed by CUDA events after a synchronize, and
   fast calls are repeated within a sample; on CPU samples are timed with `perf_counter`.
 - **Ratio = baseline time / time**: the throughput relative to the baseline. Above 1 the
-  measured thing is faster than its baseline, below 1 slower.
+  measured thing is faster than its baseline, below 1 slower. The time-against-tokens
+  figures plot the inverse, time / dense SDPA time (below 1: faster).
 - **Attention level**: `kernel(q, k, v, mask)` against dense
   `F.scaled_dot_product_attention(q, k, v)` without a mask, on ViT-B/16 shapes (12 heads of
   64, one class token and a square grid: 197, 577, 1025, 2305, 4097 tokens), a 7 x 7 window, the
@@ -52,23 +52,96 @@ library versions it was measured.
   (gradients of q, k, v). The batch shrinks as tokens grow (the tables give it) to keep the
   larger sizes affordable; per-call times still grow with the token count.
   `sdpa-bool` is SDPA with the plain boolean mask of every head (the naive way); `flex-b*`
-  are the FlexAttention variants (block size, token order).
+  are the FlexAttention variants (block size, token order); `blocked` is the blocked backend
+  with the query block of `attnmask.kernels.blocked.BLOCK_TABLE`, and `blocked-8x8`,
+  `blocked-8x16`, `blocked-16x16` force that query block (rows x columns of patches).
 - **Model level**: timm models with random weights (`timm.create_model(name,
   pretrained=False, img_size=size)`), patched with `attnmask.apply(model, heads=0.5,
-  window=7, backend=...)` (Swin: window 3, since its attention windows are 7 x 7 tokens and a
+  window=7, backend=...)` (half the heads of every layer masked; `heads=1.0` in the rows
+  marked "all") (Swin: window 3, since its attention windows are 7 x 7 tokens and a
   7 x 7 window would mask nothing) against the same model unpatched; inference (forward without
   gradients) and one training step (forward, cross-entropy, backward, AdamW step). Weights
-  and inputs are in the dtype named (no autocast).
+  and inputs are in the dtype named (no autocast). A `depth` column means the models were
+  built with that many blocks (`--depth N`, `timm.create_model(..., depth=N)`): every block
+  has the same shapes, so the ratio of a shallower ViT-B/16 stays close to the 12-block
+  one's while a CPU run gets several times shorter.
 - Defaults: bfloat16 on CUDA, float32 on CPU. A backend that cannot run a row (FlexAttention
   has no backward on CPU, for example) is listed under "Not measured" with torch's reason.
 - Noise: on a small shared CPU, cells of a few milliseconds to tens of milliseconds move by
-  5-15% between runs. Below 2305 tokens `auto` runs the very same kernel as `sdpa` on CPU, so
-  the gap between those two columns there is a direct reading of that noise.
+  5-15% between runs. Where `auto` runs the very same kernel as another column (`sdpa` on
+  CPU below 2305 tokens in the results below), the gap between those two columns is a direct
+  reading of that noise.
 
 Reproduce: `python benchmarks/run.py` (the full suite, saved to
 `benchmarks/results/<device>.json`), then `python benchmarks/plot.py`. `attnmask bench` runs
-a quick version and prints the tables.
+a quick version (about a minute on CPU) and prints the tables. On a 2-core CPU the full
+suite at full depth takes well over half an hour; the CPU results are taken in three parts
+into one file (`--merge` adds rows to it):
+
+```bash
+# attention level: every backend and variant, 197-4097 tokens, half/all heads, both passes (6-8 min)
+python benchmarks/run.py --only attention
+# ViT-B/16 at 224 and 1024 px, 4 blocks, auto/sdpa/blocked, half and all heads: inference (2-3 min) ...
+python benchmarks/run.py --only models --merge --models vit_base_patch16_224 --sizes 224,1024 \\
+    --depth 4 --backends 'auto,sdpa,blocked' --skip-train-sizes '' --modes inference
+# ... and one training step (6-8 min)
+python benchmarks/run.py --only models --merge --models vit_base_patch16_224 --sizes 224,1024 \\
+    --depth 4 --backends 'auto,sdpa,blocked' --skip-train-sizes '' --modes train
+python benchmarks/plot.py
+```
 """
+
+
+def blocked_section(tokens=(197, 577, 1025, 2305, 4097), window: int = 7, blocks=((8, 8), (8, 16), (16, 16))) -> list[str]:
+    """How the blocked backend works, with its work per query worked out for each token count
+    (arithmetic, not a measurement)."""
+    import math
+
+    lines = [
+        "## The blocked backend", "",
+        "`backend=\"blocked\"` (`attnmask/kernels/blocked.py`) computes only what the window keeps. The patch "
+        "grid is cut into query blocks of `bh x bw` patches (the last block of a row or column shifted "
+        "inward, so all blocks have one shape). The queries of a block can only see the block's *halo*: "
+        "the `(bh + kh - 1) x (bw + kw - 1)` patches their `kh x kw` windows touch, plus the prefix "
+        "(class) tokens. Queries and halo keys and values are gathered once with index tensors "
+        "precomputed per geometry, and every block of every (batch, head) goes through ONE batched SDPA "
+        "call with the window as a small per-block mask; prefix queries take one dense SDPA call, and "
+        "the block outputs are gathered back into token order. Global heads run dense SDPA as in `sdpa`.", "",
+        "So each masked query visits `(bh + kh - 1)(bw + kw - 1) + prefix` keys instead of all `N` "
+        "tokens. That pays off once the grid is several halos wide. At 197 tokens (a 14 x 14 grid) a "
+        "7 x 7 window with 8 x 8 blocks has a halo of 14 x 14: the whole grid, so every block still "
+        "visits all 197 keys, the 2 x 2 blocks (the second ones shifted back to overlap the first) "
+        "compute 256 queries for 196 patches, and the gathers, the mask and the extra calls come on "
+        "top: there `blocked` does more work than dense SDPA and loses. The logits a masked head "
+        f"computes, relative to dense attention (one prefix token, {window} x {window} window):", "",
+        "| tokens | grid | dense: keys per query | " + " | ".join(f"{bh}x{bw}: keys per query, logits vs dense" for bh, bw in blocks) + " |",
+        "|---|---|---|" + "---|" * len(blocks),
+    ]
+    for n in tokens:
+        g = math.isqrt(n - 1)
+        cells = []
+        for bh, bw in blocks:
+            bh, bw = min(bh, g), min(bw, g)
+            keys = min(bh + window - 1, g) * min(bw + window - 1, g) + 1
+            queries = math.ceil(g / bh) * math.ceil(g / bw) * bh * bw
+            cells.append(f"{keys}, {(queries * keys + n) / (n * n):.2f}x")
+        lines.append(f"| {n} | {g} x {g} | {n} | " + " | ".join(cells) + " |")
+    lines += ["", "Fewer logits do not make the time shrink in proportion: the gathers and the "
+              "backward through them (scatter-adds) cost memory traffic that dense SDPA does not "
+              "have, which is why the time-against-tokens figures below, not this table, decide "
+              "where each block shape wins.", "",
+              "On CPU without gradients the gathers write into buffers kept per thread "
+              "(`attnmask.kernels.blocked.workspace_bytes()`, freed by `release_workspace()`). With "
+              "glibc's default allocator, freshly allocated gather tensors of a few MB and more were "
+              "handed back to the system after every call and page-faulted in again on the next, "
+              "which on a 2-core Intel Xeon made the call 1.7-1.9x slower at 1025-4097 tokens (all "
+              "heads masked, batch 1, timm's q/k/v layout: 0.85-0.91x instead of 0.48-0.50x dense time at "
+              "1025 tokens, 0.26-0.28x instead of 0.14x at 4097). Training cannot reuse them (autograd keeps the gathered tensors for the "
+              "backward pass); there a preloaded jemalloc or tcmalloc, or glibc's "
+              "`MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`, does the same for every PyTorch "
+              "temporary. Results record the allocator settings they ran with.", ""]
+    return lines
+
 
 
 def load(results: Path) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]], list[tuple[str, dict]], list[tuple[str, dict]]]:
@@ -93,6 +166,39 @@ def load(results: Path) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]],
     return suites, overheads, changes, probes
 
 
+def load_caps(results: Path) -> list[tuple[str, dict]]:
+    """Results of ``benchmarks/model_cap.py`` as ``(file stem, data)``, sorted by file name."""
+    caps = []
+    for path in sorted(results.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("script") == "benchmarks/model_cap.py":
+            caps.append((path.stem, data))
+    return caps
+
+
+def caps_section(caps: list[tuple[str, dict]]) -> list[str]:
+    """Tables of ``benchmarks/model_cap.py`` results: the most a masked-attention kernel can
+    give a model, next to what ``blocked`` gives."""
+    lines = ["## The ceiling of a model's speed-up", "",
+             "`benchmarks/model_cap.py`: the unpatched model, the model patched with `backend=\"blocked\"`, and "
+             "the model patched with a stand-in whose masked heads cost nothing (outputs left at zero; global heads, "
+             "projections, MLPs and norms still run). The stand-in's speed-up is the most any masked-attention "
+             "kernel can give that model; inference, ratio = unpatched time / time.", ""]
+    for stem, data in caps:
+        lines += [f"Measured on {taken_on(data['env'])}; results in `benchmarks/results/{stem}.json`.", "",
+                  "| model | px | depth | batch | heads masked | unpatched ms | blocked | masked heads free |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in data["rows"]:
+            speed = row["speed"]
+            lines.append(f"| `{row['model']}` | {row['image_size']} | {row['depth']} | {row['batch']} | {row['heads_label']} | "
+                         f"{row['ms']['unpatched']:.0f} | {speed['blocked']:.2f}x | {speed['masked heads free']:.2f}x |")
+        lines.append("")
+    return lines
+
+
 def taken_on(env: dict[str, Any], settings: Optional[dict[str, Any]] = None) -> str:
     """``"NVIDIA H100 80GB HBM3, bfloat16, torch 2.11.0, timm 1.0.31, ..."``."""
     parts = [env["device"], env.get("dtype", "?")]
@@ -101,11 +207,13 @@ def taken_on(env: dict[str, Any], settings: Optional[dict[str, Any]] = None) -> 
             parts.append(f"{name} {env[name]}")
     if env.get("device_type") == "cpu" and env.get("threads"):
         parts.append(f"{env['threads']} threads")
+    if env.get("allocator") and env["allocator"] != "default":
+        parts.append(f"allocator {env['allocator']}")
     if settings and settings.get("preset"):
         parts.append(f"{settings['preset']} preset")
     if env.get("date"):
         parts.append(env["date"][:10])
-    if env.get("git_commit") and env.get("device_type") == "cuda":
+    if env.get("git_commit"):
         parts.append(f"commit {env['git_commit']}")
     return ", ".join(parts)
 
@@ -113,6 +221,20 @@ def taken_on(env: dict[str, Any], settings: Optional[dict[str, Any]] = None) -> 
 def figure_names(stem: str) -> tuple[str, str]:
     """Paths of a result's attention and model figures, relative to the docs folder."""
     return f"{FIGURES}/{stem}-attention.png", f"{FIGURES}/{stem}-models.png"
+
+
+TOKEN_PASSES = ("forward", "forward+backward")
+"""Passes with a time-against-tokens figure (each only where the result has measured rows)."""
+
+
+def token_figures(stem: str, data: dict[str, Any]) -> dict[str, str]:
+    """``{pass: path}`` of a result's time-ratio-against-tokens figures, relative to the docs
+    folder: ``<stem>-tokens-forward.png``, ``<stem>-tokens-forward-backward.png``."""
+    return {
+        pass_: f"{FIGURES}/{stem}-tokens-{pass_.replace('+', '-')}.png"
+        for pass_ in TOKEN_PASSES
+        if any(r.get("pass") == pass_ and "ms" in r and r.get("baseline_ms") for r in data.get("attention", []))
+    }
 
 
 def suite_section(stem: str, data: dict[str, Any]) -> list[str]:
@@ -130,6 +252,15 @@ def suite_section(stem: str, data: dict[str, Any]) -> list[str]:
         lines += ["### Attention level", "", f"![Attention level on {env['device']}]({attention_png})", "",
                   f"*Masked attention vs dense SDPA (ratio above 1: faster than dense). {where}.*", "",
                   attention_table(data["attention"]), ""]
+    tokens = token_figures(stem, data)
+    if tokens:
+        lines += ["### Time against token count", "",
+                  "Time of each backend divided by dense SDPA's time on the same tensors (log scale; below "
+                  "1: faster than dense), against the token count; one line per backend, a labelled "
+                  "variant dashed in its backend's colour; one panel per heads-masked setting.", ""]
+        for pass_, png in tokens.items():
+            lines += [f"![Time ratio to dense SDPA against tokens, {pass_}, on {env['device']}]({png})", "",
+                      f"*{pass_.capitalize()}: time / dense SDPA time (below 1: faster). {where}.*", ""]
     if any("ms" in r for r in data["models"]):
         lines += ["### Whole models", "", f"![Whole models on {env['device']}]({models_png})", "",
                   f"*Patched vs unpatched model throughput (above 1: the patched model is faster). {where}.*", "",
@@ -238,7 +369,7 @@ def probe_section(probes: list[tuple[str, dict]]) -> list[str]:
 def render(results: Path) -> str:
     """The Markdown of ``docs/performance.md`` for the results in ``results``."""
     suites, overheads, changes, probes = load(results)
-    lines = [HEADER]
+    lines = [HEADER, *blocked_section()]
     if not suites:
         lines += ["## Results", "", "No results of `benchmarks/run.py` are saved yet: run "
                   "`python benchmarks/run.py`, then `python benchmarks/plot.py`.", ""]
@@ -246,6 +377,9 @@ def render(results: Path) -> str:
         lines += suite_section(stem, data)
     if not any(data["env"].get("device_type") == "cuda" for _, data in suites):
         lines.append(GPU_PENDING)
+    caps = load_caps(results)
+    if caps:
+        lines += caps_section(caps)
     if probes:
         lines += probe_section(probes)
     if changes:
@@ -255,128 +389,11 @@ def render(results: Path) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _series(rows: list[dict[str, Any]], key: str) -> list[Any]:
-    return list(dict.fromkeys(r[key] for r in rows if key in r))
-
-
-def _colors(backends: list[str]) -> dict[str, Any]:
-    """One colour per backend, the same in every panel of a figure."""
-    import matplotlib.pyplot as plt
-
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return {backend: cycle[i % len(cycle)] for i, backend in enumerate(backends)}
-
-
-def _title(fig, text: str, width_in: float) -> None:
-    """A suptitle wrapped to the figure's width."""
-    fig.suptitle("\n".join(textwrap.wrap(text, width=int(width_in * 13))), fontsize=9)
-
-
-def _ratio_axis(ax) -> None:
-    """Log-2 ratio axis with plain tick labels (0.5x, 1x, 2x), finer ticks on a narrow range.
-
-    Call after plotting: the ticks are chosen from the data's limits."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-
-    ax.set_yscale("log", base=2)
-    low, high = ax.get_ylim()
-    for candidates in (COARSE_TICKS, FINE_TICKS):
-        ticks = [t for t in candidates if low <= t <= high]
-        if len(ticks) >= 3:
-            break
-    ax.yaxis.set_major_locator(FixedLocator(ticks))
-    ax.yaxis.set_minor_locator(NullLocator())
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
-
-
-COARSE_TICKS = (0.03125, 0.0625, 0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
-FINE_TICKS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2, 2.5, 3, 4)
-
-
-def plot_attention(data: dict[str, Any], path: Path) -> None:
-    """Ratio to dense SDPA against tokens: one panel per (heads masked, pass), a line per backend."""
-    import matplotlib.pyplot as plt
-
-    rows = data["attention"]
-    labels, passes, backends = _series(rows, "heads_label"), _series(rows, "pass"), _series(rows, "backend")
-    tokens, colors = _series(rows, "tokens"), _colors(backends)
-    width_in = 5.2 * len(passes)
-    fig, axes = plt.subplots(len(labels), len(passes), figsize=(width_in, 3.6 * len(labels)), squeeze=False, sharex=True)
-    for i, label in enumerate(labels):
-        for j, pass_ in enumerate(passes):
-            ax = axes[i][j]
-            for backend in backends:
-                points = [(tokens.index(r["tokens"]), r["ratio"]) for r in rows
-                          if r["heads_label"] == label and r["pass"] == pass_ and r["backend"] == backend and "ratio" in r]
-                if points:
-                    ax.plot(*zip(*points), marker="o", label=backend, color=colors[backend])
-            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="dense SDPA")
-            _ratio_axis(ax)
-            ax.set_title(f"{label} heads masked, {pass_}", fontsize=10)
-            ax.set_xticks(range(len(tokens)))
-            batches = {r["tokens"]: r["batch"] for r in rows}
-            ax.set_xticklabels([f"{t}\n(batch {batches[t]})" for t in tokens], fontsize=8)
-            ax.set_ylabel("ratio to dense SDPA (>1 faster)", fontsize=8)
-            ax.grid(True, alpha=0.3)
-    _legend(fig, axes)
-    _title(fig, f"Attention level: {taken_on(data['env'], data.get('settings'))}", width_in)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_models(data: dict[str, Any], path: Path) -> None:
-    """Patched/unpatched throughput: one panel per (model, mode), bars per size and backend."""
-    import matplotlib.pyplot as plt
-
-    rows = data["models"]
-    models, modes = _series(rows, "model"), _series(rows, "mode")
-    backends = [b for b in _series(rows, "backend") if b != "all"]
-    colors, width_in = _colors(backends), max(5.2 * len(modes), 7.0)
-    fig, axes = plt.subplots(len(models), len(modes), figsize=(width_in, 3.4 * len(models)), squeeze=False)
-    width = 0.8 / max(len(backends), 1)
-    for i, model in enumerate(models):
-        for j, mode in enumerate(modes):
-            ax = axes[i][j]
-            chosen = [r for r in rows if r["model"] == model and r["mode"] == mode]
-            sizes = _series(chosen, "image_size")
-            for b, backend in enumerate(backends):
-                bars = [(sizes.index(r["image_size"]) + (b - (len(backends) - 1) / 2) * width, r["ratio"])
-                        for r in chosen if r.get("backend") == backend and "ratio" in r]
-                if bars:
-                    ax.bar(*zip(*bars), width=width, label=backend, color=colors[backend])
-            for r in chosen:
-                if "skipped" in r:
-                    ax.text(sizes.index(r["image_size"]), 1.0, "skipped", ha="center", va="bottom", fontsize=8)
-            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="unpatched")
-            ax.set_xticks(range(len(sizes)))
-            ax.set_xticklabels([f"{s} px" for s in sizes])
-            ax.set_title(f"{model}, {mode}", fontsize=10)
-            ax.set_ylabel("patched / unpatched throughput", fontsize=8)
-            ax.grid(True, axis="y", alpha=0.3)
-    _legend(fig, axes)
-    _title(fig, f"Whole models: {taken_on(data['env'], data.get('settings'))}", width_in)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.94))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _legend(fig, axes) -> None:
-    """One legend below the panels, with every label any panel has."""
-    handles, names = [], []
-    for ax in axes.flat:
-        for handle, name in zip(*ax.get_legend_handles_labels()):
-            if name not in names:
-                handles.append(handle)
-                names.append(name)
-    fig.legend(handles, names, loc="lower center", ncol=min(max(len(names), 1), 6), fontsize=8, frameon=False)
-
-
 def draw(results: Path, docs: Path) -> list[Path]:
     """Write every figure the page references into ``docs/performance/``; drop stale PNGs."""
-    import matplotlib
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import figures
 
-    matplotlib.use("Agg")
     suites, _, _, _ = load(results)
     folder = docs / FIGURES
     folder.mkdir(parents=True, exist_ok=True)
@@ -384,10 +401,13 @@ def draw(results: Path, docs: Path) -> list[Path]:
     for stem, data in suites:
         attention_png, models_png = figure_names(stem)
         if any("ms" in r for r in data["attention"]):
-            plot_attention(data, docs / attention_png)
+            figures.plot_attention(data, docs / attention_png, taken_on)
             written.append(docs / attention_png)
+        for pass_, png in token_figures(stem, data).items():
+            figures.plot_tokens(data, pass_, docs / png, taken_on)
+            written.append(docs / png)
         if any("ms" in r for r in data["models"]):
-            plot_models(data, docs / models_png)
+            figures.plot_models(data, docs / models_png, taken_on)
             written.append(docs / models_png)
     for stale in set(folder.glob("*.png")) - set(written):
         stale.unlink()

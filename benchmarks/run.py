@@ -5,10 +5,14 @@ Run ``python benchmarks/run.py`` (CPU: 10 to 15 minutes on 2 cores): it writes `
 draws the figures and regenerates ``docs/performance.md``. ``--quick`` runs the quick preset
 (what ``attnmask bench`` runs) into ``<device>-quick.json``. Every option of ``attnmask
 bench`` is accepted (``--tokens``, ``--models``, ``--sizes``, ``--backends 'sdpa,flex*'``,
-``--repeats``, ...). To stay under a per-command time limit, run the two levels separately
-into one file: ``--only attention``, then ``--only models --merge`` (``--merge`` keeps the
-other level's rows of an existing file taken on the same device with the same versions).
-See :mod:`attnmask.bench` for what is timed and how.
+``--repeats``, ``--depth``, ``--model-heads``, ...). To stay under a per-command time limit,
+run parts separately into one file: ``--only attention``, then ``--only models --merge``,
+and split further with ``--modes`` or ``--sizes`` (``--merge`` keeps every row of an
+existing file taken on the same device with the same versions that this run does not
+re-measure: a row is re-measured when its token count, heads setting and pass, or its model,
+image size, mode and heads setting, are run again). The CPU command lines for the docs are
+on the Performance page (``docs/performance.md``, Reproduce). See :mod:`attnmask.bench` for
+what is timed and how.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from attnmask.cli.bench import add_options, execute, settings_from  # noqa: E402
 
 LEVELS = ("attention", "models")
-SAME = ("device", "dtype", "torch", "cuda", "triton", "timm")
+SAME = ("device", "dtype", "torch", "cuda", "triton", "timm", "allocator")
 """What must agree for ``--merge`` to put results of two runs into one file."""
 
 
@@ -56,13 +60,51 @@ def mismatch(old_env: dict[str, Any], new_env: dict[str, Any]) -> list[str]:
     return [f"{key} {old_env.get(key)!r} != {new_env.get(key)!r}" for key in SAME if old_env.get(key) != new_env.get(key)]
 
 
+def row_key(level: str, row: dict[str, Any]) -> tuple:
+    """What a row compares (one key per comparison, shared by its backends' rows)."""
+    if level == "attention":
+        return row.get("tokens"), row.get("heads_label"), row.get("pass")
+    from attnmask.bench.report import model_heads
+
+    return row.get("model"), row.get("image_size"), row.get("mode"), model_heads(row)
+
+
+def _ordered(level: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` sorted into the order a single run writes them (stable: backends keep theirs)."""
+    from attnmask.bench.settings import HEADS_MASKED, MODES, PASSES
+
+    if level == "attention":
+        def key(r):
+            return (r.get("tokens", 0), _index(HEADS_MASKED, r.get("heads_label")), _index(PASSES, r.get("pass")))
+    else:
+        names = list(dict.fromkeys(r.get("model") for r in rows))
+
+        def key(r):
+            heads = r.get("heads") if isinstance(r.get("heads"), (int, float)) else 0.0
+            return (names.index(r.get("model")), r.get("image_size", 0), _index(MODES, r.get("mode")), heads)
+    return sorted(rows, key=key)
+
+
+def _index(values: tuple, value: Any) -> int:
+    return values.index(value) if value in values else len(values)
+
+
 def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``new``, with the levels it did not run taken from ``old`` (and their settings kept)."""
+    """``new``, plus every row of ``old`` whose comparison ``new`` did not re-run (a level
+    ``new`` did not run at all is taken whole, with its settings)."""
     out = dict(new, settings=dict(new["settings"]))
     for level in LEVELS:
-        if not new[level] and old.get(level):
+        if not old.get(level):
+            continue
+        if not new[level]:
             out[level] = old[level]
             out["settings"][f"{level}_settings"] = old["settings"].get(f"{level}_settings", old["settings"])
+            continue
+        rerun = {row_key(level, r) for r in new[level]}
+        kept = [r for r in old[level] if row_key(level, r) not in rerun]
+        if kept:
+            out[level] = _ordered(level, kept + new[level])
+            out["settings"][f"{level}_merged"] = f"{len(kept)} rows kept from the earlier run"
     return out
 
 

@@ -46,6 +46,13 @@ def load_plot():
     return module
 
 
+def load_run():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def tiny_result():
     pytest.importorskip("timm")
@@ -145,7 +152,7 @@ def test_failing_backend_is_recorded_and_skips(monkeypatch):
     assert by_backend["broken"]["error"] == "NotImplementedError: not on this device"
     assert by_backend["sdpa"]["ms"] > 0
     assert result["models"] == [
-        {"model": "vit_tiny_patch16_224", "image_size": 64, "mode": "train",
+        {"model": "vit_tiny_patch16_224", "image_size": 64, "mode": "train", "heads": 0.5, "heads_label": "half",
          "skipped": "training at 64 px skipped on cpu (too slow for the run's time budget)"}
     ]
     assert "broken on 10 tokens forward: NotImplementedError" in bench.tables(result)
@@ -165,7 +172,7 @@ def test_cli_smallest_run(tmp_path):
         "--json", str(out),
     )
     assert result.returncode == 0, result.stderr
-    assert "| 17 (1) | all (12/12) | forward |" in result.stdout and "`vit_tiny_patch16_224` | 64 | 1 | inference" in result.stdout
+    assert "| 17 (1) | all (12/12) | forward |" in result.stdout and "`vit_tiny_patch16_224` | 64 | 12 | 1 | inference | half |" in result.stdout
     data = json.loads(out.read_text())
     assert data["settings"]["preset"] == "quick" and data["env"]["device_type"] == "cpu"
     assert all(r["repeats"] == 1 for r in data["attention"] + data["models"])
@@ -210,11 +217,14 @@ def test_plot_writes_figures_and_page(tiny_result, tmp_path):
     plot = load_plot()
     assert plot.main(["--results", str(results), "--docs", str(docs)]) == 0
     pngs = sorted(p.name for p in (docs / "performance").glob("*.png"))
-    assert pngs == ["tiny-cpu-attention.png", "tiny-cpu-models.png"]
+    assert pngs == [
+        "tiny-cpu-attention.png", "tiny-cpu-models.png", "tiny-cpu-tokens-forward-backward.png", "tiny-cpu-tokens-forward.png"
+    ]
     assert all((docs / "performance" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in pngs)
     page = (docs / "performance.md").read_text()
     assert f"## {tiny_result['env']['device']} (float32, quick preset)" in page
     assert "](performance/tiny-cpu-attention.png)" in page and "](performance/tiny-cpu-models.png)" in page
+    assert "](performance/tiny-cpu-tokens-forward.png)" in page and "](performance/tiny-cpu-tokens-forward-backward.png)" in page
     assert f"torch {torch.__version__}" in page and "| 17 (1) |" in page
     (results / "tiny-cpu.json").unlink()
     plot.main(["--results", str(results), "--docs", str(docs)])
@@ -227,3 +237,57 @@ def test_performance_page_is_current():
     assert (ROOT / "docs" / "performance.md").read_text() == plot.render(ROOT / "benchmarks" / "results"), (
         "docs/performance.md is stale: run `python benchmarks/plot.py`"
     )
+
+
+def test_results_record_the_host_allocator(monkeypatch):
+    """The blocked backend's CPU figures depend on how freed memory goes back to the system:
+    a result says which allocator settings it ran with, and they must agree to merge."""
+    from attnmask.bench.timing import ALLOCATOR_VARIABLES, environment
+
+    for name in ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert environment(torch.device("cpu"), "float32")["allocator"] == "default"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    tuned = environment(torch.device("cpu"), "float32")
+    assert tuned["allocator"] == "MALLOC_TRIM_THRESHOLD_=1000"
+    run = load_run()
+    assert run.mismatch({**tuned, "allocator": "default"}, tuned) == ["allocator 'default' != 'MALLOC_TRIM_THRESHOLD_=1000'"]
+
+
+def test_merge_keeps_only_the_comparisons_a_run_did_not_redo():
+    run = load_run()
+
+    def att(tokens, backend, ms):
+        return {"tokens": tokens, "heads_label": "all", "pass": "forward", "backend": backend, "ms": ms}
+
+    def mod(size, heads, backend, ms):
+        return {"model": "m", "image_size": size, "mode": "inference", "heads": heads, "backend": backend, "ms": ms}
+
+    old = {"settings": {"preset": "full"}, "attention": [att(197, "sdpa", 1.0), att(1025, "sdpa", 2.0), att(1025, "blocked", 3.0)],
+           "models": [mod(224, 0.5, "sdpa", 5.0), mod(224, 1.0, "sdpa", 6.0)]}
+    new = {"settings": {"preset": "full"}, "attention": [att(1025, "blocked", 9.0)], "models": [mod(224, 1.0, "sdpa", 7.0)]}
+    out = run.merged(old, new)
+    assert [(r["tokens"], r["backend"], r["ms"]) for r in out["attention"]] == [(197, "sdpa", 1.0), (1025, "blocked", 9.0)]
+    assert [(r["heads"], r["ms"]) for r in out["models"]] == [(0.5, 5.0), (1.0, 7.0)]
+    only_models = run.merged(old, {"settings": {"preset": "full"}, "attention": [], "models": new["models"]})
+    assert only_models["attention"] == old["attention"]
+
+
+@pytest.mark.slow
+def test_gpu_profile_script_runs_small_on_cpu(tmp_path):
+    """The GPU profile of benchmarks/gpu_profile.py, at tiny sizes on the CPU (about 30 s):
+    every section finishes and every timing case gives each candidate a time or a reason.
+    Run with `pytest -m slow tests/test_bench.py -k gpu_profile`."""
+    out = tmp_path / "profile.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_profile.py"), "--small", "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["finished"] and set(data["sections"]) == {"one_call", "flex_profile", "timing_forward", "timing_forward_backward"}
+    assert all(section["status"] == "done" for section in data["sections"].values())
+    for name in ("timing_forward", "timing_forward_backward"):
+        cases = data["sections"][name]["cases"]
+        assert {case["candidate"] for case in cases} >= {"dense", "sdpa", "blocked-2x2", "auto"}
+        assert all(case.get("ms") or case.get("error") for case in cases)

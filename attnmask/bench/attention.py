@@ -2,9 +2,11 @@
 
 ViT-B/16 shapes: 12 heads of 64, one class token and a square grid, a 7 x 7 window, the
 first half or all heads masked. Besides the registered kernels
-(:data:`attnmask.kernels.KERNELS`, less the float64 reference) and every FlexAttention
-variant (:data:`attnmask.kernels.flex.FLEX_VARIANTS`), ``"sdpa-bool"`` is SDPA with the
-plain boolean mask of every head: the naive way, for comparison.
+(:data:`attnmask.kernels.KERNELS`, less the float64 reference: ``auto``, ``sdpa``, ``flex``,
+``blocked``), the labelled variants (every FlexAttention variant,
+:data:`attnmask.kernels.flex.FLEX_VARIANTS`, and the blocked backend's query blocks,
+:data:`BLOCKED_VARIANTS`) and ``"sdpa-bool"``, SDPA with the plain boolean mask of every head:
+the naive way, for comparison.
 """
 
 from __future__ import annotations
@@ -34,12 +36,25 @@ def selected(name: str, patterns: Optional[tuple[str, ...]]) -> bool:
     return patterns is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
+BLOCKED_VARIANTS: dict[str, dict] = {f"blocked-{rows}x{cols}": {"block": (rows, cols)} for rows, cols in ((8, 8), (8, 16), (16, 16))}
+"""Labelled query blocks of the ``blocked`` backend (``block=(rows, cols)``), for the
+benchmarks; ``blocked`` itself takes its block from
+:data:`attnmask.kernels.blocked.BLOCK_TABLE`."""
+
+VARIANT_SOURCES = (
+    ("flex", "attnmask.kernels.flex", "flex_attention", "FLEX_VARIANTS"),
+    ("blocked", "attnmask.kernels.blocked", "blocked_attention", None),
+)
+"""``(label, module, kernel function, variants table in the module)`` of each backend with
+labelled variants; ``None``: the table is :data:`BLOCKED_VARIANTS` (kept here, not in the kernel)."""
+
+
 def kernel_candidates(variants: bool = True) -> tuple[dict[str, Callable[..., torch.Tensor]], dict[str, str]]:
     """Every kernel to benchmark by name, and the ones that could not be loaded (with why).
 
     Registered kernels first (less ``"reference"``, which is float64 and only for tests),
-    then, with ``variants``, the FlexAttention variants as ``functools.partial``s of
-    ``flex_attention``.
+    then, with ``variants``, the labelled variants as ``functools.partial``s of their kernel:
+    FlexAttention's (``flex-b128-rows``, ...) and the blocked backend's (``blocked-8x8``, ...).
     """
     from ..kernels import KERNELS
 
@@ -47,13 +62,15 @@ def kernel_candidates(variants: bool = True) -> tuple[dict[str, Callable[..., to
     unavailable: dict[str, str] = {}
     if not variants:
         return kernels, unavailable
-    try:
-        flex = importlib.import_module("attnmask.kernels.flex")
-    except Exception as error:  # an old torch without FlexAttention, or not written yet
-        unavailable["flex variants"] = one_line(error)
-        return kernels, unavailable
-    for label, kwargs in getattr(flex, "FLEX_VARIANTS", {}).items():
-        kernels[label] = functools.partial(flex.flex_attention, **kwargs)
+    for label, module_name, function, table in VARIANT_SOURCES:
+        try:
+            module = importlib.import_module(module_name)
+            kernel = getattr(module, function)
+        except Exception as error:  # an old torch without FlexAttention, or not written yet
+            unavailable[f"{label} variants"] = one_line(error)
+            continue
+        for name, kwargs in (getattr(module, table, {}) if table else BLOCKED_VARIANTS).items():
+            kernels[name] = functools.partial(kernel, **kwargs)
     return kernels, unavailable
 
 

@@ -5,6 +5,12 @@ pretrained=False, img_size=size)``), deep-copies it once per backend and patches
 with :func:`attnmask.apply`; the unpatched model and every patched copy are then timed in
 interleaved rounds on the same images. Swin models are patched with a 3 x 3 window: their
 attention windows are 7 x 7 tokens, so a 7 x 7 locality window would mask nothing.
+
+One comparison per fraction of heads masked (``settings.model_heads``: half, all); with
+``settings.depth`` the models are built with that many blocks where the constructor takes
+``depth`` (ViT, DeiT, BEiT, ...; Swin keeps its stages). Every row records ``heads`` (the
+fraction), ``heads_label`` (``"half"``, ``"all"``) and ``depth`` (the attention layers the
+model was built with).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import copy
 import functools
 import gc
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +27,7 @@ from torch import nn
 
 from .. import api
 from .attention import row, selected, summary
-from .settings import Settings
+from .settings import Settings, heads_label
 from .timing import DTYPES, Timing, one_line, time_interleaved
 
 BASELINE = "unpatched"
@@ -43,6 +49,31 @@ def model_backends(model: nn.Module, patterns) -> list[str]:
     return [name for name in names if (accepted is None or name in accepted) and selected(name, patterns)]
 
 
+def build(name: str, size: int, depth: Optional[int]) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, img_size=size)``, with ``depth=depth`` when
+    given and the model's constructor takes it (ViT does, Swin does not: built as it is)."""
+    import timm
+
+    if depth is not None:
+        try:
+            return timm.create_model(name, pretrained=False, img_size=size, depth=depth)
+        except TypeError as error:
+            if "depth" not in str(error):
+                raise
+    return timm.create_model(name, pretrained=False, img_size=size)
+
+
+def layers_of(model: nn.Module) -> Optional[int]:
+    """Attention layers (blocks) of a timm model, counted from the module tree."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+        return len(blocks)
+    stages = getattr(model, "layers", None)
+    if isinstance(stages, (nn.Sequential, nn.ModuleList)) and all(hasattr(stage, "blocks") for stage in stages):
+        return sum(len(stage.blocks) for stage in stages)
+    return None
+
+
 def _infer(model: nn.Module, images: torch.Tensor) -> None:
     with torch.no_grad():
         model(images)
@@ -62,21 +93,22 @@ def _row(base: dict[str, Any], name: str, timing: Timing, baseline: Timing, batc
     return out
 
 
-def compare(settings: Settings, name: str, size: int, mode: str) -> list[dict[str, Any]]:
-    """Rows of one (model, image size, mode) comparison, one per backend."""
-    import timm
-
+def compare(settings: Settings, name: str, size: int, mode: str, heads: float = 0.5) -> list[dict[str, Any]]:
+    """Rows of one (model, image size, mode, heads masked) comparison, one per backend."""
     device, dtype = torch.device(settings.device), DTYPES[settings.dtype]
     batch, window = settings.batch_for_size(size), window_for(name, settings.window)
-    base = {"model": name, "image_size": size, "batch": batch, "mode": mode, "window": [window, window], "heads": settings.model_heads}
     torch.manual_seed(settings.seed)
-    unpatched = timm.create_model(name, pretrained=False, img_size=size).to(device=device, dtype=dtype)
+    unpatched = build(name, size, settings.depth).to(device=device, dtype=dtype)
     unpatched.train(mode == "train")
+    base = {
+        "model": name, "image_size": size, "batch": batch, "mode": mode, "window": [window, window],
+        "heads": heads, "heads_label": heads_label(heads), "depth": layers_of(unpatched),
+    }
     models: dict[str, nn.Module] = {BASELINE: unpatched}
     failed: dict[str, str] = {}
     for backend in model_backends(unpatched, settings.backends):
         try:
-            models[backend] = api.apply(copy.deepcopy(unpatched), heads=settings.model_heads, window=window, backend=backend)
+            models[backend] = api.apply(copy.deepcopy(unpatched), heads=heads, window=window, backend=backend)
         except Exception as error:
             failed[backend] = one_line(error)
     if len(models) > 1:
@@ -113,31 +145,36 @@ def compare(settings: Settings, name: str, size: int, mode: str) -> list[dict[st
 
 
 def run_models(settings: Settings, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Every (model, image size, mode) comparison of ``settings``.
+    """Every (model, image size, mode, heads masked) comparison of ``settings``.
 
     ``ratio`` is ``baseline_ms / ms``: the patched model's throughput relative to the
     unpatched one (above 1 the patched model is faster). Sizes in
-    ``settings.skip_train_sizes`` get one row per model with ``skipped`` saying why.
+    ``settings.skip_train_sizes`` get one row per model and heads setting with ``skipped``
+    saying why.
     """
     rows: list[dict[str, Any]] = []
     for name in settings.models:
         for size in settings.sizes:
             for mode in settings.modes:
-                if mode == "train" and size in settings.skip_train_sizes:
-                    reason = f"training at {size} px skipped on {settings.device} (too slow for the run's time budget)"
-                    rows.append({"model": name, "image_size": size, "mode": mode, "skipped": reason})
-                    echo(f"model {name} {size} px {mode}: skipped")
-                    continue
-                start = time.perf_counter()
-                try:
-                    group = compare(settings, name, size, mode)
-                except Exception as error:  # building the model or its input failed: record, go on
-                    group = [{"model": name, "image_size": size, "mode": mode, "backend": "all", "error": one_line(error)}]
-                    if settings.device == "cuda":
-                        torch.cuda.empty_cache()
-                rows.extend(group)
-                echo(
-                    f"model {name} {size} px {mode} (batch {group[0].get('batch', '?')}) "
-                    f"[{time.perf_counter() - start:.0f} s]: {summary(group)}"
-                )
+                for heads in settings.model_heads:
+                    where = {"model": name, "image_size": size, "mode": mode, "heads": heads, "heads_label": heads_label(heads)}
+                    title = f"model {name} {size} px {mode}, {heads_label(heads)} heads masked"
+                    if mode == "train" and size in settings.skip_train_sizes:
+                        reason = f"training at {size} px skipped on {settings.device} (too slow for the run's time budget)"
+                        rows.append(dict(where, skipped=reason))
+                        echo(f"{title}: skipped")
+                        continue
+                    start = time.perf_counter()
+                    try:
+                        group = compare(settings, name, size, mode, heads)
+                    except Exception as error:  # building the model or its input failed: record, go on
+                        group = [dict(where, backend="all", error=one_line(error))]
+                        if settings.device == "cuda":
+                            torch.cuda.empty_cache()
+                    rows.extend(group)
+                    depth = f", depth {group[0]['depth']}" if group[0].get("depth") is not None else ""
+                    echo(
+                        f"{title} (batch {group[0].get('batch', '?')}{depth}) "
+                        f"[{time.perf_counter() - start:.0f} s]: {summary(group)}"
+                    )
     return rows

@@ -57,16 +57,33 @@ def attention_table(rows: list[dict[str, Any]]) -> str:
     return _table(["tokens (batch)", "heads masked", "pass", "dense SDPA ms", *backends], lines)
 
 
+def model_heads(row: dict[str, Any]) -> str:
+    """``"half"``/``"all"`` (or the fraction) of a model row; ``"-"`` when it has none."""
+    if row.get("heads_label"):
+        return row["heads_label"]
+    if isinstance(row.get("heads"), (int, float)):
+        from .settings import heads_label
+
+        return heads_label(row["heads"])
+    return "-"
+
+
+def _model_key(row: dict[str, Any]) -> tuple:
+    return row["model"], row["image_size"], row["mode"], model_heads(row)
+
+
 def models_table(rows: list[dict[str, Any]]) -> str:
-    """One line per (model, size, mode); one column per backend: throughput of the patched
-    model relative to the unpatched one (above 1: faster) and the time per call."""
+    """One line per (model, size, mode, heads masked); one column per backend: throughput of
+    the patched model relative to the unpatched one (above 1: faster) and the time per call.
+    A ``depth`` column appears when the rows record it (``--depth``)."""
     if not rows:
         return ""
     backends = _unique(r["backend"] for r in rows if "backend" in r and r["backend"] != "all")
-    keys = _unique((r["model"], r["image_size"], r["mode"]) for r in rows)
+    keys = _unique(_model_key(r) for r in rows)
+    with_depth = any(r.get("depth") is not None for r in rows)
     lines = []
     for key in keys:
-        group = [r for r in rows if (r["model"], r["image_size"], r["mode"]) == key]
+        group = [r for r in rows if _model_key(r) == key]
         first = group[0]
         by_backend = {r.get("backend"): r for r in group}
         base = next((r["baseline_ms"] for r in group if "baseline_ms" in r), None)
@@ -75,11 +92,13 @@ def models_table(rows: list[dict[str, Any]]) -> str:
         else:
             cells = [cell(by_backend.get(name)) for name in backends]
         window = "x".join(map(str, first["window"])) if "window" in first else "-"
+        depth = [str(first["depth"]) if first.get("depth") is not None else "-"] if with_depth else []
         lines.append(
-            [f"`{key[0]}`", str(key[1]), str(first.get("batch", "-")), key[2], window,
+            [f"`{key[0]}`", str(key[1]), *depth, str(first.get("batch", "-")), key[2], key[3], window,
              fmt_ms(base) if base is not None else "-", *cells]
         )
-    return _table(["model", "px", "batch", "mode", "window", "unpatched ms", *backends], lines)
+    header = ["model", "px", *(["depth"] if with_depth else []), "batch", "mode", "heads masked", "window", "unpatched ms"]
+    return _table([*header, *backends], lines)
 
 
 def problems(rows: list[dict[str, Any]]) -> list[str]:
@@ -88,7 +107,11 @@ def problems(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         reason = r.get("error") or r.get("skipped")
         if reason:
-            where = f"{r['tokens']} tokens {r['pass']}" if "tokens" in r else f"{r['model']} {r['image_size']} px {r['mode']}"
+            if "tokens" in r:
+                where = f"{r['tokens']} tokens {r['pass']}"
+            else:
+                heads = f" ({r['heads_label']} heads)" if r.get("heads_label") else ""
+                where = f"{r['model']} {r['image_size']} px {r['mode']}{heads}"
             backends, places = reasons.setdefault(reason, ([], []))
             backends.append(r.get("backend", "all"))
             places.append(where)

@@ -35,6 +35,24 @@ MODEL_BATCH = {
 MODELS = ("vit_base_patch16_224", "swin_tiny_patch4_window7_224")
 """timm models of the full preset (built with random weights, nothing downloaded)."""
 
+HEAD_FRACTIONS = {"half": 0.5, "all": 1.0}
+"""The ``heads`` fraction :func:`attnmask.apply` gets for each model-level label."""
+
+
+def heads_label(fraction: float) -> str:
+    """``"half"`` for 0.5, ``"all"`` for 1.0, else the fraction (``"0.25"``)."""
+    for label, value in HEAD_FRACTIONS.items():
+        if fraction == value:
+            return label
+    return f"{fraction:g}"
+
+
+def head_fraction(text) -> float:
+    """``"half"``/``"all"``/a number -> a fraction of the heads (``ValueError`` otherwise)."""
+    if isinstance(text, str) and text in HEAD_FRACTIONS:
+        return HEAD_FRACTIONS[text]
+    return float(text)
+
 
 def lookup(table: dict[int, int], key: int) -> int:
     """``table``'s value for the smallest key ``>= key`` (the largest key's value beyond it)."""
@@ -71,13 +89,22 @@ class Settings:
         heads_masked: Entries of :data:`HEADS_MASKED`.
         passes: Entries of :data:`PASSES`.
         backends: Shell-style patterns of the backends to run (``"flex*"``); ``None``: all.
-        flex_variants: Also run every FlexAttention variant at the attention level
-            (:data:`attnmask.kernels.flex.FLEX_VARIANTS`), not only the registered kernels.
+        flex_variants: The variants switch (``--variants``; the name is kept for the saved
+            results): also run the labelled variants at the attention level, every
+            FlexAttention variant (:data:`attnmask.kernels.flex.FLEX_VARIANTS`) and the blocked
+            backend's query blocks (:data:`attnmask.bench.attention.BLOCKED_VARIANTS`), not only
+            the registered kernels.
         models: timm model names; empty: no model-level rows.
         sizes: Image sizes of the model-level rows.
         modes: Entries of :data:`MODES`.
         model_batch: Batch for every image size; ``None``: :data:`MODEL_BATCH`.
-        model_heads: ``heads`` passed to :func:`attnmask.apply`.
+        model_heads: Fractions of the heads masked at the model level, each passed to
+            :func:`attnmask.apply` as ``heads`` (0.5: half, 1.0: all); one comparison each. A
+            single float is accepted (older settings) and made a 1-tuple.
+        depth: Build the models with this many blocks (``timm.create_model(..., depth=N)``,
+            for models whose constructor takes ``depth``, such as ViT; others keep theirs):
+            a shallower ViT-B/16 keeps 1024 px affordable on CPU. ``None``: the model's own.
+            Each model row records the depth it was built with.
         skip_train_sizes: Image sizes whose training rows are skipped (and said so).
         warmup: Untimed calls of each candidate first.
         repeats: Timed interleaved rounds.
@@ -103,13 +130,18 @@ class Settings:
     sizes: tuple[int, ...] = (224,)
     modes: tuple[str, ...] = ("inference",)
     model_batch: Optional[int] = None
-    model_heads: float = 0.5
+    model_heads: tuple[float, ...] = (0.5,)
+    depth: Optional[int] = None
     skip_train_sizes: tuple[int, ...] = ()
     warmup: int = 2
     repeats: int = 10
     max_seconds: Optional[float] = None
     threads: Optional[int] = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model_heads, (int, float)):  # one fraction, as in older settings
+            object.__setattr__(self, "model_heads", (float(self.model_heads),))
 
     def validate(self) -> "Settings":
         """Raise ``ValueError`` naming the first bad field; return ``self``."""
@@ -125,14 +157,15 @@ class Settings:
             grid_of(tokens)
         if self.window < 1 or self.window % 2 == 0:
             raise ValueError(f"window={self.window} is not accepted: expected an odd int >= 1")
-        for name in ("num_heads", "head_dim", "repeats", "attention_batch", "model_batch", "threads"):
+        for name in ("num_heads", "head_dim", "repeats", "attention_batch", "model_batch", "threads", "depth"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} is not accepted: expected an int >= 1")
         if self.warmup < 1:
             raise ValueError(f"warmup={self.warmup} is not accepted: expected an int >= 1 (the first call is untimed)")
-        if not 0 < self.model_heads <= 1:
-            raise ValueError(f"model_heads={self.model_heads} is not accepted: expected a fraction in (0, 1]")
+        for fraction in self.model_heads:
+            if not 0 < fraction <= 1:
+                raise ValueError(f"model_heads entry {fraction} is not accepted: expected a fraction in (0, 1] (half: 0.5, all: 1)")
         return self
 
     def batch_for_tokens(self, tokens: int) -> int:
@@ -153,12 +186,15 @@ def preset(name: str, device: str = "cpu", **overrides: Any) -> Settings:
     values are ignored, so parsed command-line options can be passed as they are).
 
     - quick (``attnmask bench``, about a minute on a 2-core CPU): 197 and 1025 tokens, half
-      and all heads, forward and forward+backward, registered backends only (no FlexAttention
-      variants); timm ViT-S/16 at 224 px, inference; 3 rounds on CPU, 10 on CUDA.
-    - full (``benchmarks/run.py``): 197/577/1025/2305/4097 tokens, every FlexAttention variant;
-      timm ViT-B/16 and Swin-T at 224/512/1024 px, inference and training. On CPU (10 to 15
-      minutes on 2 cores): no 1024 px training, one warm-up call, and each comparison's
-      rounds capped at 45 s (at least 3 rounds).
+      and all heads, forward and forward+backward, registered backends only (``blocked``
+      among them; no labelled variants); timm ViT-S/16 at 224 px, half the heads masked,
+      inference; 3 rounds on CPU, 10 on CUDA.
+    - full (``benchmarks/run.py``): 197/577/1025/2305/4097 tokens, every labelled variant
+      (FlexAttention's and the blocked backend's query blocks); timm ViT-B/16 and Swin-T at
+      224/512/1024 px, half and all heads masked, inference and training. On CPU: no 1024 px
+      training, one warm-up call, and each comparison's rounds capped at 45 s (at least 3
+      rounds); see ``docs/performance.md`` for the command lines that keep a CPU run short
+      (``--depth``, ``--models``, ``--sizes``).
     """
     cuda = device == "cuda"
     if name == "quick":
@@ -180,6 +216,7 @@ def preset(name: str, device: str = "cpu", **overrides: Any) -> Settings:
             models=MODELS,
             sizes=(224, 512, 1024),
             modes=MODES,
+            model_heads=tuple(HEAD_FRACTIONS.values()),
             skip_train_sizes=() if cuda else (1024,),
             warmup=3 if cuda else 1,
             repeats=20 if cuda else 5,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import math
+import os
 import platform
 import re
 import statistics
@@ -179,6 +180,20 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
+ALLOCATOR_VARIABLES = ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "MALLOC_CONF")
+"""Environment variables that change how the process allocates host memory (glibc's tunables,
+a preloaded jemalloc/tcmalloc and its options)."""
+
+
+def allocator_setting() -> str:
+    """The host allocator the process runs with: ``"default"`` (glibc, as configured by the
+    system), or the variables of :data:`ALLOCATOR_VARIABLES` that are set. On CPU it moves
+    the figures of kernels that allocate large temporaries (``blocked``): glibc hands freed
+    blocks of more than a few MB back to the system, and the next call page-faults them in."""
+    found = [f"{name}={os.environ[name]}" for name in ALLOCATOR_VARIABLES if os.environ.get(name)]
+    return ", ".join(found) or "default"
+
+
 def environment(device: torch.device, dtype: str) -> dict[str, Any]:
     """Where and with what a benchmark ran: device, dtype, library versions, threads, date."""
     return {
@@ -194,5 +209,6 @@ def environment(device: torch.device, dtype: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
+        "allocator": allocator_setting(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

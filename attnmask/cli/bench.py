@@ -25,6 +25,13 @@ def comma_list(convert: Callable[[str], Any], name: str) -> Callable[[str], tupl
     return parse
 
 
+def head_fraction(text: str) -> float:
+    """``half`` -> 0.5, ``all`` -> 1.0, else a number (see :func:`attnmask.bench.settings.head_fraction`)."""
+    from ..bench.settings import head_fraction as parse
+
+    return parse(text)
+
+
 def add_options(parser: argparse.ArgumentParser, default_preset: str = "quick") -> None:
     """Options of ``attnmask bench`` (and ``benchmarks/run.py``); ``None`` means "the preset's"."""
     which = parser.add_mutually_exclusive_group()
@@ -42,13 +49,27 @@ def add_options(parser: argparse.ArgumentParser, default_preset: str = "quick") 
     parser.add_argument("--passes", type=comma_list(str, "passes"), help="forward,forward+backward")
     parser.add_argument("--backends", type=comma_list(str, "backends"), help="backend name patterns: sdpa,flex* (default: all)")
     parser.add_argument(
-        "--flex-variants", action=argparse.BooleanOptionalAction, default=None,
-        help="also time every FlexAttention variant at the attention level (default: full yes, quick no)",
+        "--variants", "--flex-variants", dest="flex_variants", action=argparse.BooleanOptionalAction, default=None,
+        help="also time the labelled variants at the attention level: FlexAttention's (flex-b128-rows, ...) and "
+        "the blocked backend's query blocks (blocked-8x8, blocked-8x16, blocked-16x16) (default: full yes, quick no)",
     )
     parser.add_argument("--models", type=comma_list(str, "models"), help="timm model names (random weights)")
     parser.add_argument("--sizes", type=comma_list(int, "sizes"), help="model image sizes: 224,512,1024")
     parser.add_argument("--modes", type=comma_list(str, "modes"), help="inference,train")
     parser.add_argument("--model-batch", type=int, help="model-level batch for every image size")
+    parser.add_argument(
+        "--model-heads", type=comma_list(head_fraction, "model-heads"), metavar="HEADS",
+        help="heads masked at the model level, one comparison each: half,all or fractions 0.5,1 (default: quick half, full half,all)",
+    )
+    parser.add_argument(
+        "--depth", type=int, metavar="N",
+        help="build the models with N blocks (ViT and other models whose constructor takes depth; Swin keeps its own): "
+        "a shallower ViT-B/16 for CPU runs; each row records the depth",
+    )
+    parser.add_argument(
+        "--skip-train-sizes", type=comma_list(int, "skip-train-sizes"), metavar="SIZES",
+        help="image sizes whose training rows are skipped ('' skips none; default: full on CPU 1024)",
+    )
     parser.add_argument("--repeats", type=int, help="timed interleaved rounds per comparison")
     parser.add_argument("--warmup", type=int, help="untimed calls per candidate first")
     parser.add_argument("--max-seconds", type=float, help="time budget per comparison (fewer rounds, at least 3)")
@@ -58,7 +79,7 @@ def add_options(parser: argparse.ArgumentParser, default_preset: str = "quick") 
 
 OVERRIDES = (
     "dtype", "tokens", "attention_batch", "window", "heads_masked", "passes", "backends", "flex_variants", "models", "sizes", "modes",
-    "model_batch", "repeats", "warmup", "max_seconds", "threads", "seed",
+    "model_batch", "model_heads", "depth", "skip_train_sizes", "repeats", "warmup", "max_seconds", "threads", "seed",
 )
 """Options that override a field of :class:`attnmask.bench.Settings` of the same name."""
 
