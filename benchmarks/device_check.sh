@@ -33,8 +33,11 @@ PY
   cat COMMIT 2>/dev/null
 } 2>&1 | tee "$OUT/versions.txt"
 # 1. Correctness on CUDA (the CUDA-only tests skip everywhere else).
-tests=$(ls tests/test_flex_auto.py tests/test_kernels.py tests/test_soft.py 2>/dev/null)
+tests=$(ls tests/test_flex_auto.py tests/test_kernels.py tests/test_soft.py tests/test_blocked_cuda.py 2>/dev/null)
 step 150 60 "CUDA tests" python -m pytest -q -p no:cacheprovider -m "" -k "cuda" $tests
+# 1b. Where FlexAttention's per-call floor goes, the direct cuDNN one_call path, and every masked
+#     kernel (blocked included) side by side with dense SDPA (benchmarks/gpu_profile.py).
+step 200 90 "GPU profile" python benchmarks/gpu_profile.py --device cuda --budget 180 --out "$OUT/gpu_profile.json"
 # 2. The done-when figures: timm ViT-B/16 inference at 224 and 1024 px, half the heads masked, bf16.
 step 170 90 "ViT-B/16 done-when" python benchmarks/run.py --device cuda --only models --models vit_base_patch16_224 \
   --sizes 224,1024 --modes inference --out "$OUT/models_vit_done_when.json"
