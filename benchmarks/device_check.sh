@@ -35,6 +35,8 @@ PY
 # 1. Correctness on CUDA (the CUDA-only tests skip everywhere else).
 tests=$(ls tests/test_flex_auto.py tests/test_kernels.py tests/test_soft.py tests/test_blocked_cuda.py 2>/dev/null)
 step 150 60 "CUDA tests" python -m pytest -q -p no:cacheprovider -m "" -k "cuda" $tests
+# 1a. The fused Triton kernel on the GPU: the same tests as the interpreter runs on CPU.
+step 120 40 "Triton kernel tests" python -m pytest -q -p no:cacheprovider -m "" tests/test_fused.py
 # 1b. Where FlexAttention's per-call floor goes, the direct cuDNN one_call path, and every masked
 #     kernel (blocked included) side by side with dense SDPA (benchmarks/gpu_profile.py).
 step 200 90 "GPU profile" python benchmarks/gpu_profile.py --device cuda --budget 180 --out "$OUT/gpu_profile.json"

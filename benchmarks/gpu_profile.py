@@ -696,6 +696,8 @@ def candidates(blocks: list[tuple[int, int]]) -> dict[str, Callable]:
     }
     for bh, bw in blocks:
         found[f"blocked-{bh}x{bw}"] = functools.partial(blocked_attention, block=(bh, bw))
+    if "triton" in kernels.KERNELS:  # the fused kernel (forward fused; backward recomputes through blocked)
+        found["triton"] = kernels.KERNELS["triton"]
     if "auto" in kernels.KERNELS:
         found["auto"] = kernels.KERNELS["auto"]
     return found

@@ -21,6 +21,7 @@ from .auto import AUTO_TABLE, auto_attention, auto_choice, auto_rule, choose_bac
 from .blocked import blocked_attention
 from .capabilities import Backend, Call, Capabilities, Measured
 from .flex import flex_attention
+from .fused import triton_attention
 from .reference import reference_attention
 from .registry import REGISTRY
 from .sdpa import sdpa_attention
@@ -72,6 +73,7 @@ def get_kernel(name: str) -> Callable[..., torch.Tensor]:
 
 
 __all__ = [
+    "triton_attention",
     "AUTO_TABLE",
     "Backend",
     "Call",

@@ -12,7 +12,7 @@ import importlib
 
 from .capabilities import Backend
 
-BACKEND_MODULES = ("sdpa", "flex", "blocked", "reference")
+BACKEND_MODULES = ("sdpa", "flex", "blocked", "fused", "reference")
 """Kernel modules of :mod:`attnmask.kernels`, in the order they are listed to users."""
 
 REGISTRY: dict[str, Backend] = {
