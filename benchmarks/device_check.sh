@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One GPU call's checks and timings (issue 4's "done when" first, then the rest by priority),
+# One GPU call's checks and timings (correctness first, then the timings by priority),
 # for the device machine of this workplace (one command, at most 10 minutes):
 #   bash benchmarks/device_check.sh            # results under $OUT (default ./device-out)
 # Uses the checkout in place (nothing can be installed there). Each step has its own time
-# limit and the whole script a budget (BUDGET seconds, default 540): steps that would not
+# limit and the whole script a budget (BUDGET seconds, default 470, under 8 minutes): steps that would not
 # fit are skipped and say so, and every step writes its own file as soon as it ends, so a
 # cut-off run still returns what it finished. Copy $OUT/*.json into benchmarks/results/
 # (rename to the device slug) and run `python benchmarks/plot.py` afterwards.
@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/device-out}"
-BUDGET="${BUDGET:-540}"
+BUDGET="${BUDGET:-470}"
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 step() {  # step SECONDS_LIMIT MIN_SECONDS_LEFT NAME COMMAND...

@@ -24,12 +24,17 @@ each writes ``--out`` as soon as any case ends, so a run cut short still leaves 
   split path and the blocked kernel) are profiled the same way.
 - ``timing_forward`` / ``timing_forward_backward`` (item 2): dense SDPA (the baseline) vs
   ``sdpa`` (split), ``sdpa one_call=True``, ``flex`` b64 / b128 (rows), ``blocked`` with
-  three query blocks and ``auto``, at 197/1025/4097 tokens, half / all heads masked,
+  three query blocks, the fused ``triton`` kernel and ``auto``, at 197/1025/4097 tokens,
+  half / all heads masked,
   interleaved in one process (:func:`attnmask.bench.timing.time_interleaved`, medians);
   ratio to dense, achieved FLOP/s of dense and useful FLOP/s of each masked kernel (4 x
   queries x keys-per-query x head dim per head, from the exact window counts; forward plus
   backward counted as 3.5 x forward, FlashAttention's convention), and each kernel's largest
-  difference to the float64 reference on the first sample (forward).
+  difference to the float64 reference on the first sample (forward). Each row also gives
+  the bytes the call must move at least (q, k, v, output; the backward's gradients) and the
+  achieved bytes/s, and both rates as fractions of the device's measured ceilings
+  (``ceilings``: a device-to-device copy's bandwidth and a large matrix product's FLOP/s,
+  measured first).
 
 Every case is guarded: an exception is recorded (``error``) and the run goes on; a case
 that would not fit the budget is recorded as ``skipped`` with the reason.
@@ -212,6 +217,40 @@ def flops(mask: LocalMask, batch: int, masked: bool, backward: bool) -> float:
     n = mask.num_tokens
     pairs = (len(mask.global_heads) * n * n + len(mask.heads) * allowed_pairs(mask)) if masked else HEADS * n * n
     return 4.0 * batch * HEAD_DIM * pairs * (FWD_BWD_FLOP_FACTOR if backward else 1.0)
+
+
+def min_bytes(mask: LocalMask, batch: int, dtype: torch.dtype, backward: bool) -> float:
+    """The fewest bytes one call must move through device memory: q, k, v read and the output
+    written once (forward); the backward also reads the output and its gradient and writes
+    dq, dk, dv (8 tensors of the q shape in all, against 4)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return float(size * batch * HEADS * mask.num_tokens * HEAD_DIM * (8 if backward else 4))
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype, small: bool) -> dict[str, Any]:
+    """The device's measured ceilings: device-to-device copy bandwidth (bytes read plus
+    written) and a large matrix product's FLOP/s in ``dtype``, medians of interleaved rounds."""
+    n_bytes = (16 if small else 1024) * 2**20
+    source = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    side = 256 if small else 8192
+    a = torch.randn(side, side, device=device, dtype=dtype)
+    b = torch.randn(side, side, device=device, dtype=dtype)
+    timings = time_interleaved(
+        {"copy": lambda: target.copy_(source), "matmul": lambda: a @ b}, device, warmup=2, repeats=5 if small else 10
+    )
+    out: dict[str, Any] = {"copy_bytes": n_bytes, "matmul_side": side, "dtype": str(dtype).replace("torch.", "")}
+    if timings["copy"].ms:
+        out["bandwidth_gb_s"] = 2 * n_bytes / (timings["copy"].ms * 1e-3) / 1e9
+    if timings["matmul"].ms:
+        out["matmul_tflops"] = 2 * side**3 / (timings["matmul"].ms * 1e-3) / 1e12
+    del source, target, a, b
+    release(device)
+    return out
+
+
+CEILINGS: dict[str, Any] = {}
+"""Filled by :func:`main` before the timing sections (rows report fractions of them)."""
 
 
 def error_text(error: BaseException) -> str:
@@ -696,7 +735,7 @@ def candidates(blocks: list[tuple[int, int]]) -> dict[str, Callable]:
     }
     for bh, bw in blocks:
         found[f"blocked-{bh}x{bw}"] = functools.partial(blocked_attention, block=(bh, bw))
-    if "triton" in kernels.KERNELS:  # the fused kernel (forward fused; backward recomputes through blocked)
+    if "triton" in kernels.KERNELS:  # the fused Triton kernel (forward and backward)
         found["triton"] = kernels.KERNELS["triton"]
     if "auto" in kernels.KERNELS:
         found["auto"] = kernels.KERNELS["auto"]
@@ -756,6 +795,13 @@ def run_timing_case(side, batch, masked, backward, device, dtype, settings) -> l
             key = "achieved_tflops" if name == "dense" else "useful_tflops"
             row[key] = work / (timing.ms * 1e-3) / 1e12
             row["flops"] = work
+            moved = min_bytes(mask, batch, dtype, backward)
+            row["min_bytes"] = moved
+            row["achieved_gb_s"] = moved / (timing.ms * 1e-3) / 1e9
+            if CEILINGS.get("matmul_tflops"):
+                row["fraction_of_matmul_flops"] = row[key] / CEILINGS["matmul_tflops"]
+            if CEILINGS.get("bandwidth_gb_s"):
+                row["fraction_of_bandwidth"] = row["achieved_gb_s"] / CEILINGS["bandwidth_gb_s"]
             if dense_ms:
                 row["ratio_to_dense"] = dense_ms / timing.ms
         if name in errors:
@@ -1000,6 +1046,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         "finished": False,
     }
     results = Results(args.out, data)
+    try:
+        CEILINGS.update(measure_ceilings(device, dtype, args.small))
+        data["ceilings"] = dict(CEILINGS)
+    except Exception as error:  # recorded; rows then carry no fractions
+        data["ceilings"] = {"error": error_text(error)}
     results.write()
     capture = install_log_capture()
     echo = lambda line: print(line, flush=True)  # noqa: E731

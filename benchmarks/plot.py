@@ -294,7 +294,7 @@ GPU_PENDING = """## GPU: not measured yet
 
 No `benchmarks/run.py` result from a CUDA device is saved yet: the sessions that wrote the
 kernels had no GPU. `benchmarks/device_check.sh` is the prepared run. Until it has run, the
-CUDA row of `backend="auto"`'s table rests on figures reported in issue 4 (H100, bf16, ViT-B/16
+CUDA row of `backend="auto"`'s table rests on figures measured by hand on an H100 (bf16, ViT-B/16
 shapes, 12 heads of 64, 7 x 7 window, forward), not reproduced here:
 
 | tokens (batch) | dense SDPA (flash) | SDPA + boolean mask | FlexAttention, block mask |

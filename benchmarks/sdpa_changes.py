@@ -1,4 +1,4 @@
-"""Measure each change to the SDPA path, one at a time (issue 4, deliverable 2).
+"""Measure each change to the SDPA path, one at a time.
 
 Steps, each adding one change to the previous one, all timed as the kernel call plus the
 caller's head merge (``transpose(1, 2).reshape(B, N, C)``), interleaved with dense SDPA in

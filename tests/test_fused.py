@@ -58,7 +58,7 @@ def test_every_patch_row_is_written_and_nothing_else(grid, window, prefix_tokens
     mask = LocalMask(grid, window, prefix_tokens, 2, (0, 1), prefix)
     q, k, v = qkv(2, 2, mask.num_tokens, 16, 0)
     out = torch.full_like(q, float("nan"))
-    patch_forward(q, k, v, mask, 0.25, out)
+    patch_forward(q[:, :, :], k, v, mask, 0.25, out[:, :, prefix_tokens:])
     assert torch.isnan(out[:, :, :prefix_tokens]).all()
     written = out[:, :, prefix_tokens:]
     assert torch.isfinite(written).all()
@@ -70,18 +70,27 @@ def test_every_patch_row_is_written_and_nothing_else(grid, window, prefix_tokens
 @pytest.mark.parametrize("dim, dim_v", [(32, 32), (64, 64), (96, 96), (128, 128), (16, 32)])
 def test_head_dims_and_dtypes_in_the_hosts_layout(dtype, tol, dim, dim_v):
     """Head dims 32/64/96/128 (96 padded inside the kernel) and a value dim of its own, on
-    q, k, v laid out as timm hands them over (views of one ``(B, N, 3, H, D)`` projection)."""
+    q, k, v laid out as timm hands them over (views of one ``(B, N, 3, H, D)`` projection),
+    forward and gradients."""
     mask = LocalMask((9, 10), (7, 7), 1, 3, (0, 2))
     g = torch.Generator().manual_seed(1)
     if dim == dim_v:
-        qkv_ = torch.randn(2, mask.num_tokens, 3, 3, dim, generator=g).to(DEVICE, dtype).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv_[0], qkv_[1], qkv_[2]
+        qkv_ = torch.randn(2, mask.num_tokens, 3, 3, dim, generator=g).to(DEVICE, dtype)
+        qkv_.requires_grad_()
+        q, k, v = qkv_.permute(2, 0, 3, 1, 4).unbind(0)
         assert not q.is_contiguous()
+        leaves = [qkv_]
     else:
-        q, k, v = qkv(2, 3, mask.num_tokens, dim, 1, dtype=dtype, dim_v=dim_v)
+        q, k, v = qkv(2, 3, mask.num_tokens, dim, 1, dtype=dtype, dim_v=dim_v, grad=True)
+        leaves = [q, k, v]
     out = triton_attention(q, k, v, mask)
     expected = definition(q, k, v, ((9, 10), (7, 7), 1, 3, (0, 2), "global"))
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    got = torch.autograd.grad((out.double() * weights).sum(), leaves)
+    want = torch.autograd.grad((expected * weights).sum(), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol * 5, atol=tol * 5)
 
 
 def test_what_the_kernel_does_not_run_goes_to_blocked():
@@ -103,3 +112,27 @@ def test_refuses_a_device_it_cannot_run_on(monkeypatch):
     q = torch.zeros(1, 1, 16, 16)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run here: it needs a CUDA device"):
         triton_attention(q, q, q, mask)
+
+
+def test_tuner_times_each_candidate_once_per_key_and_keeps_the_fastest(monkeypatch):
+    monkeypatch.setattr(fused, "TUNED", {})
+    mask = LocalMask((8, 8), (7, 7), 1, 2, (0, 1))
+    q = torch.zeros(1, 2, mask.num_tokens, 16)
+    fastest = fused.TUNE_CANDIDATES[2]
+    failing = fused.TUNE_CANDIDATES[0]
+    timed = []
+
+    def run(tile, warps):
+        if (tile, warps) == failing:
+            raise RuntimeError("out of shared memory")
+        timed.append((tile, warps))
+
+    def timer(fn):
+        fn()
+        return 1.0 if timed[-1] == fastest else 2.0
+
+    assert fused.tuned_config(q, q, mask, run, timer) == fastest
+    assert sorted(timed) == sorted(c for c in fused.TUNE_CANDIDATES if c != failing)
+    timed.clear()
+    assert fused.tuned_config(q, q, mask, run, timer) == fastest and timed == []  # cached per key
+    assert fused.tuned_config(q, q, LocalMask((8, 8), (3, 3), 1, 2, (0,)), run, timer) == fastest and timed  # a new window: timed again

@@ -7,16 +7,20 @@ The window is computed in the kernel from token indices (no mask tensor is read)
 same definition as every backend (:func:`attnmask.masks.local_window`: centred, clipped at
 the border, prefix tokens global or isolated). Softmax is online, as in flash attention,
 accumulated in float32 (float32 inputs multiply in full precision, not TF32); the row
-log-sum-exp is returned too, for a fused backward pass (not written yet).
+log-sum-exp is saved for the backward pass.
 
-Prefix-token queries attend to every token: they take one dense SDPA call, as do the global
-heads (:func:`~attnmask.kernels.common.split_heads_into`).
+Backward, as in flash attention, from the saved log-sum-exp and ``rowsum(dO * O)``: one
+kernel per query tile computes dQ over the same keys as the forward pass; one per key tile
+computes dK and dV from the patch queries whose windows reach it (the window is symmetric,
+so that is the same halo). The prefix keys' dK and dV (every patch query may see them) are
+small ``(patches x prefix)`` products done in PyTorch.
+
+Prefix-token queries attend to every token: they take one dense SDPA call (its own autograd),
+as do the global heads (:func:`~attnmask.kernels.common.split_heads_into`).
 
 What runs elsewhere (declared in :data:`BACKEND`'s capabilities, so ``auto`` never picks
 this kernel for it): soft mode, a host mask or bias, dropout and per-sample positions run
-:func:`~attnmask.kernels.blocked.blocked_attention`. The backward pass is, for now,
-recomputation through the blocked backend's autograd (exact, not fused; see the
-``backward`` note of :class:`_LocalAttention`).
+:func:`~attnmask.kernels.blocked.blocked_attention`.
 
 Without a CUDA device the kernel runs under Triton's interpreter when ``TRITON_INTERPRET=1``
 was set before :mod:`triton` was imported (tests do this; small shapes only, it is slow).
@@ -149,81 +153,339 @@ if triton is not None:
 
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows outside the grid (masked on store)
         out = acc / l_i[:, None]
-        tl.store(O + b * sob + h * soh + q_tok[:, None] * son + dv[None, :] * sod,
+        q_patch = q_row * grid_w + q_col
+        tl.store(O + b * sob + h * soh + q_patch[:, None] * son + dv[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=q_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
         tl.store(LSE + bh * (grid_h * grid_w) + q_row * grid_w + q_col, m_i + tl.log(l_i), mask=q_ok)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _local_backward_dq(
+        Q, K, V, DO, LSE, DELTA, DQ,
+        sqb, sqh, sqn, sqd,
+        skb, skh, skn, skd,
+        svb, svh, svn, svd,
+        sdob, sdoh, sdon, sdod,
+        sdqb, sdqh, sdqn, sdqd,
+        heads, prefix, grid_h, grid_w, radius_h, radius_w, scale,
+        PREFIX_GLOBAL: tl.constexpr,
+        TH: tl.constexpr, TW: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    ):
+        """dQ of one tile of patch queries: the forward's key loop, with P recomputed from
+        the saved log-sum-exp and dS = P * (dO V^T - rowsum(dO * O))."""
+        tile = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // heads
+        h = bh % heads
+        tiles_w = tl.cdiv(grid_w, TW)
+        row0 = (tile // tiles_w) * TH
+        col0 = (tile % tiles_w) * TW
+        m_idx = tl.arange(0, TH * TW)
+        q_row = row0 + m_idx // TW
+        q_col = col0 + m_idx % TW
+        q_ok = (q_row < grid_h) & (q_col < grid_w)
+        q_tok = prefix + q_row * grid_w + q_col
+        q_patch = q_row * grid_w + q_col
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqn + d[None, :] * sqd,
+                    mask=q_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + q_patch[:, None] * sdon + dv[None, :] * sdod,
+                     mask=q_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+        lse = tl.load(LSE + bh * (grid_h * grid_w) + q_patch, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + bh * (grid_h * grid_w) + q_patch, mask=q_ok, other=0.0)
+        dq = tl.zeros((TH * TW, BLOCK_D), tl.float32)
+
+        if PREFIX_GLOBAL:
+            for start in range(0, prefix, BLOCK_P):
+                n = start + tl.arange(0, BLOCK_P)
+                n_ok = n < prefix
+                k = tl.load(K + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd,
+                            mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+                v = tl.load(V + b * svb + h * svh + n[:, None] * svn + dv[None, :] * svd,
+                            mask=n_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+                s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee") * scale
+                p = tl.where(n_ok[None, :] & q_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision="ieee")
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, out_dtype=tl.float32, input_precision="ieee")
+
+        row_lo = tl.maximum(row0 - radius_h, 0)
+        row_hi = tl.minimum(row0 + TH - 1 + radius_h, grid_h - 1)
+        col_lo = tl.maximum(col0 - radius_w, 0)
+        col_hi = tl.minimum(col0 + TW - 1 + radius_w, grid_w - 1)
+        n_idx = tl.arange(0, KH * KW)
+        for r in range(row_lo, row_hi + 1, KH):
+            for c in range(col_lo, col_hi + 1, KW):
+                k_row = r + n_idx // KW
+                k_col = c + n_idx % KW
+                k_ok = (k_row <= row_hi) & (k_col <= col_hi)
+                k_tok = prefix + k_row * grid_w + k_col
+                k = tl.load(K + b * skb + h * skh + k_tok[:, None] * skn + d[None, :] * skd,
+                            mask=k_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+                v = tl.load(V + b * svb + h * svh + k_tok[:, None] * svn + dv[None, :] * svd,
+                            mask=k_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+                s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee") * scale
+                near = (tl.abs(q_row[:, None] - k_row[None, :]) <= radius_h) & (
+                    tl.abs(q_col[:, None] - k_col[None, :]) <= radius_w
+                )
+                p = tl.where(near & k_ok[None, :] & q_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision="ieee")
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, out_dtype=tl.float32, input_precision="ieee")
+
+        tl.store(DQ + b * sdqb + h * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd,
+                 (dq * scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & (d[None, :] < HEAD_DIM))
+
+    @triton.jit
+    def _local_backward_dkdv(
+        Q, K, V, DO, LSE, DELTA, DK, DV,
+        sqb, sqh, sqn, sqd,
+        skb, skh, skn, skd,
+        svb, svh, svn, svd,
+        sdob, sdoh, sdon, sdod,
+        sdkb, sdkh, sdkn, sdkd,
+        sdvb, sdvh, sdvn, sdvd,
+        heads, prefix, grid_h, grid_w, radius_h, radius_w, scale,
+        TH: tl.constexpr, TW: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    ):
+        """dK and dV of one tile of patch keys from the patch queries whose windows reach it
+        (the window is symmetric: the same halo as a query tile's). Prefix keys are done
+        outside (every patch query may see them)."""
+        tile = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // heads
+        h = bh % heads
+        tiles_w = tl.cdiv(grid_w, TW)
+        row0 = (tile // tiles_w) * TH
+        col0 = (tile % tiles_w) * TW
+        n_idx = tl.arange(0, TH * TW)
+        k_row = row0 + n_idx // TW
+        k_col = col0 + n_idx % TW
+        k_ok = (k_row < grid_h) & (k_col < grid_w)
+        k_tok = prefix + k_row * grid_w + k_col
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        k = tl.load(K + b * skb + h * skh + k_tok[:, None] * skn + d[None, :] * skd,
+                    mask=k_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(V + b * svb + h * svh + k_tok[:, None] * svn + dv[None, :] * svd,
+                    mask=k_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+        dk = tl.zeros((TH * TW, BLOCK_D), tl.float32)
+        dvv = tl.zeros((TH * TW, BLOCK_DV), tl.float32)
+
+        row_lo = tl.maximum(row0 - radius_h, 0)
+        row_hi = tl.minimum(row0 + TH - 1 + radius_h, grid_h - 1)
+        col_lo = tl.maximum(col0 - radius_w, 0)
+        col_hi = tl.minimum(col0 + TW - 1 + radius_w, grid_w - 1)
+        m_idx = tl.arange(0, KH * KW)
+        for r in range(row_lo, row_hi + 1, KH):
+            for c in range(col_lo, col_hi + 1, KW):
+                q_row = r + m_idx // KW
+                q_col = c + m_idx % KW
+                q_ok = (q_row <= row_hi) & (q_col <= col_hi)
+                q_tok = prefix + q_row * grid_w + q_col
+                q_patch = q_row * grid_w + q_col
+                q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqn + d[None, :] * sqd,
+                            mask=q_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+                do = tl.load(DO + b * sdob + h * sdoh + q_patch[:, None] * sdon + dv[None, :] * sdod,
+                             mask=q_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+                lse = tl.load(LSE + bh * (grid_h * grid_w) + q_patch, mask=q_ok, other=0.0)
+                delta = tl.load(DELTA + bh * (grid_h * grid_w) + q_patch, mask=q_ok, other=0.0)
+                st = tl.dot(k, tl.trans(q), out_dtype=tl.float32, input_precision="ieee") * scale
+                near = (tl.abs(k_row[:, None] - q_row[None, :]) <= radius_h) & (
+                    tl.abs(k_col[:, None] - q_col[None, :]) <= radius_w
+                )
+                pt = tl.where(near & q_ok[None, :] & k_ok[:, None], tl.exp(st - lse[None, :]), 0.0)
+                dvv += tl.dot(pt.to(do.dtype), do, out_dtype=tl.float32, input_precision="ieee")
+                dpt = tl.dot(v, tl.trans(do), out_dtype=tl.float32, input_precision="ieee")
+                dst = pt * (dpt - delta[None, :])
+                dk += tl.dot(dst.to(q.dtype), q, out_dtype=tl.float32, input_precision="ieee")
+
+        tl.store(DK + b * sdkb + h * sdkh + k_tok[:, None] * sdkn + d[None, :] * sdkd,
+                 (dk * scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & (d[None, :] < HEAD_DIM))
+        tl.store(DV + b * sdvb + h * sdvh + k_tok[:, None] * sdvn + dv[None, :] * sdvd,
+                 dvv.to(DV.dtype.element_ty), mask=k_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
 
 
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
-def patch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LocalMask, scale: float, out: torch.Tensor) -> torch.Tensor:
-    """Write the patch queries' outputs of ``q, k, v`` (all heads masked) into ``out``
-    ``(batch, heads, tokens, dim_v)`` (any strides); return the row log-sum-exp
-    ``(batch * heads, patches)`` in float32."""
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        # Triton's interpreter computes tl.dot of bfloat16 operands wrongly (numpy has no
-        # bfloat16): check the kernel logic in float32 there; GPUs run bfloat16 natively.
-        wide = out.new_empty(out.shape, dtype=torch.float32)
-        lse = patch_forward(q.float(), k.float(), v.float(), mask, scale, wide)
-        prefix = mask.prefix_tokens
-        out[:, :, prefix:] = wide[:, :, prefix:].to(out.dtype)
-        return lse
-    batch, heads, _, dim = q.shape
-    dim_v = v.shape[-1]
-    (grid_h, grid_w), (window_h, window_w) = mask.grid, mask.window
-    tile_h, tile_w = min(TILE[0], _pow2(grid_h, 1)), min(TILE[1], _pow2(grid_w, 1))
+def _tiles(mask: LocalMask, tile: tuple[int, int] = TILE) -> tuple[int, int, int, int]:
+    """``(tile_h, tile_w, key_h, key_w)``: query tile (``tile`` clipped to the grid) and key
+    step for this geometry."""
+    (grid_h, grid_w), (_, window_w) = mask.grid, mask.window
+    tile_h, tile_w = min(tile[0], _pow2(grid_h, 1)), min(tile[1], _pow2(grid_w, 1))
     while tile_h * tile_w < 16:  # tl.dot needs 16 rows
         tile_w *= 2
-    radius_h, radius_w = window_h // 2, window_w // 2
-    halo_w = min(tile_w + 2 * radius_w, grid_w)
-    key_w = _pow2(halo_w, 1)
+    key_w = _pow2(min(tile_w + 2 * (window_w // 2), grid_w), 1)
     key_h = max(1, 16 // key_w) if key_w < 16 else 1
-    lse = torch.empty(batch * heads, grid_h * grid_w, device=q.device, dtype=torch.float32)
+    return tile_h, tile_w, key_h, key_w
+
+
+TUNE_CANDIDATES: tuple[tuple[tuple[int, int], int], ...] = (
+    ((8, 8), 4), ((8, 8), 8), ((8, 16), 4), ((8, 16), 8), ((16, 8), 4), ((16, 16), 8), ((4, 16), 4),
+)
+"""``(query tile, num_warps)`` pairs the tuner times on a GPU."""
+
+TUNED: dict[tuple, tuple[tuple[int, int], int]] = {}
+"""Cache of the tuner: ``(device name, dtype, head dim, value dim, window, grid >= 64 x 64)``
+-> the fastest ``(query tile, num_warps)``; filled on the first call of each key on a GPU."""
+
+
+def _tune_key(q: torch.Tensor, v: torch.Tensor, mask: LocalMask) -> tuple:
+    name = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else q.device.type
+    return name, q.dtype, q.shape[-1], v.shape[-1], mask.window, min(mask.grid) >= 64
+
+
+def tuned_config(q: torch.Tensor, v: torch.Tensor, mask: LocalMask, run, timer=None) -> tuple[tuple[int, int], int]:
+    """The ``(query tile, num_warps)`` for these tensors: on CUDA, each of
+    :data:`TUNE_CANDIDATES` is timed once per key of :data:`TUNED` (``run(tile, warps)`` does
+    one forward call; ``timer(fn) -> seconds``, CUDA events by default) and the fastest kept;
+    elsewhere (Triton's interpreter) the default tile."""
+    if q.device.type != "cuda" and timer is None:
+        return TILE, 4
+    key = _tune_key(q, v, mask)
+    if key not in TUNED:
+        timer = timer or _cuda_time
+        best, best_s = (TILE, 4), float("inf")
+        for tile, warps in TUNE_CANDIDATES:
+            try:
+                seconds = timer(lambda: run(tile, warps))
+            except Exception:  # a configuration the device cannot compile (registers, shared memory)
+                continue
+            if seconds < best_s:
+                best, best_s = (tile, warps), seconds
+        TUNED[key] = best
+    return TUNED[key]
+
+
+def _cuda_time(fn, repeats: int = 5) -> float:
+    fn()  # compile and warm up
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _geometry(mask: LocalMask) -> tuple:
+    (grid_h, grid_w), (window_h, window_w) = mask.grid, mask.window
+    return mask.prefix_tokens, grid_h, grid_w, window_h // 2, window_w // 2
+
+
+def _interpreter_bfloat16(*tensors: torch.Tensor) -> bool:
+    # Triton's interpreter computes tl.dot of bfloat16 operands wrongly (numpy has no
+    # bfloat16): the kernels' logic is checked in float32 there; GPUs run bfloat16 natively.
+    return tensors[0].dtype == torch.bfloat16 and tensors[0].device.type == "cpu"
+
+
+def patch_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LocalMask, scale: float, out: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch queries' attention of ``q, k, v`` (every head masked).
+
+    Returns:
+        ``(out, lse)``: ``out`` ``(batch, heads, patches, dim_v)`` (laid out as ``(batch,
+        patches, heads, dim_v)``, or the tensor given, any strides) and the row log-sum-exp
+        ``(batch * heads, patches)`` in float32 (float64 for float64 inputs).
+    """
+    batch, heads, _, dim = q.shape
+    dim_v = v.shape[-1]
+    patches = mask.grid[0] * mask.grid[1]
+    if out is None:
+        out = q.new_empty(batch, patches, heads, dim_v).transpose(1, 2)
+    if _interpreter_bfloat16(q):
+        wide, lse = patch_forward(q.float(), k.float(), v.float(), mask, scale)
+        out.copy_(wide)
+        return out, lse
+    prefix, grid_h, grid_w, radius_h, radius_w = _geometry(mask)
+    lse = torch.empty(batch * heads, patches, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
+
+    def run(tile: tuple[int, int], warps: int) -> None:
+        tile_h, tile_w, key_h, key_w = _tiles(mask, tile)
+        tiles = triton.cdiv(grid_h, tile_h) * triton.cdiv(grid_w, tile_w)
+        _local_forward[(tiles, batch * heads)](
+            q, k, v, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            heads, prefix, grid_h, grid_w, radius_h, radius_w, float(scale),
+            PREFIX_GLOBAL=mask.prefix == "global" and prefix > 0,
+            TH=tile_h, TW=tile_w, KH=key_h, KW=key_w,
+            BLOCK_P=_pow2(prefix), BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
+            HEAD_DIM=dim, HEAD_DIM_V=dim_v, num_warps=warps,
+        )
+
+    run(*tuned_config(q, v, mask, run))
+    return out, lse
+
+
+def patch_backward(q, k, v, out, lse, grad_out, mask: LocalMask, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v (full token range) from the patch queries' output gradient
+    ``grad_out`` ``(batch, heads, patches, dim_v)``: two kernels (dQ per query tile, dK/dV per
+    key tile), prefix keys' dK/dV in PyTorch (every patch query may see them)."""
+    if _interpreter_bfloat16(q):
+        grads = patch_backward(q.float(), k.float(), v.float(), out.float(), lse, grad_out.float(), mask, scale)
+        return tuple(g.to(torch.bfloat16) for g in grads)
+    batch, heads, _, dim = q.shape
+    dim_v = v.shape[-1]
+    prefix, grid_h, grid_w, radius_h, radius_w = _geometry(mask)
+    tile, warps = TUNED.get(_tune_key(q, v, mask), (TILE, 4))  # the forward's choice
+    tile_h, tile_w, key_h, key_w = _tiles(mask, tile)
+    work = torch.promote_types(q.dtype, torch.float32)
+    delta = (grad_out.to(work) * out.to(work)).sum(-1).reshape(batch * heads, -1).contiguous()
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     tiles = triton.cdiv(grid_h, tile_h) * triton.cdiv(grid_w, tile_w)
-    _local_forward[(tiles, batch * heads)](
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, mask.prefix_tokens, grid_h, grid_w, radius_h, radius_w, float(scale),
-        PREFIX_GLOBAL=mask.prefix == "global" and mask.prefix_tokens > 0,
-        TH=tile_h, TW=tile_w, KH=key_h, KW=key_w,
-        BLOCK_P=_pow2(mask.prefix_tokens), BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
-        HEAD_DIM=dim, HEAD_DIM_V=dim_v,
+    shape = dict(TH=tile_h, TW=tile_w, KH=key_h, KW=key_w, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v), HEAD_DIM=dim, HEAD_DIM_V=dim_v)
+    common = (heads, prefix, grid_h, grid_w, radius_h, radius_w, float(scale))
+    global_prefix = mask.prefix == "global" and prefix > 0
+    _local_backward_dq[(tiles, batch * heads)](
+        q, k, v, grad_out, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        *common, PREFIX_GLOBAL=global_prefix, BLOCK_P=_pow2(prefix), **shape, num_warps=warps,
     )
-    return lse
+    _local_backward_dkdv[(tiles, batch * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        *common, **shape, num_warps=warps,
+    )
+    if global_prefix:  # prefix keys, seen by every patch query: small (patches x prefix) products
+        qp, kp, vp = q[:, :, prefix:].to(work), k[:, :, :prefix].to(work), v[:, :, :prefix].to(work)
+        go = grad_out.to(work)
+        p = torch.exp(qp @ kp.transpose(-2, -1) * scale - lse.view(batch, heads, -1, 1))
+        dv[:, :, :prefix] = (p.transpose(-2, -1) @ go).to(dv.dtype)
+        ds = p * (go @ vp.transpose(-2, -1) - delta.view(batch, heads, -1, 1))
+        dk[:, :, :prefix] = (ds.transpose(-2, -1) @ qp * scale).to(dk.dtype)
+    return dq, dk, dv
 
 
-class _LocalAttention(torch.autograd.Function):
-    """Masked heads' attention (every head of ``q`` masked): prefix queries by dense SDPA,
-    patch queries by the fused kernel.
-
-    ``backward``: recomputes the same attention through
-    :func:`~attnmask.kernels.blocked.blocked_attention` under autograd and returns its
-    gradients (exact; a fused backward kernel is still to be written)."""
+class _PatchAttention(torch.autograd.Function):
+    """The patch queries' attention of masked heads, forward and backward fused in Triton."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
-        batch, heads, tokens, _ = q.shape
-        out = q.new_empty(batch, tokens, heads, v.shape[-1]).transpose(1, 2)
-        prefix = mask.prefix_tokens
-        if prefix:
-            out[:, :, :prefix] = F.scaled_dot_product_attention(q[:, :, :prefix], k, v, scale=scale)
-        patch_forward(q, k, v, mask, scale, out)
-        ctx.save_for_backward(q, k, v)
+        out, lse = patch_forward(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask, ctx.scale = mask, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        from .blocked import blocked_attention
-
-        q, k, v = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-            again = blocked_attention(*inputs, ctx.mask, scale=ctx.scale)
-            grads = torch.autograd.grad(again, inputs, grad_out)
-        return (*grads, None, None)
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = patch_backward(q, k, v, out, lse, grad_out, ctx.mask, ctx.scale)
+        return dq, dk, dv, None, None
 
 
 def triton_attention(
@@ -262,7 +524,10 @@ def triton_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
     def masked_heads(q_, k_, v_, host, out):
-        out.copy_(_LocalAttention.apply(q_, k_, v_, mask, scale).transpose(1, 2))
+        prefix = mask.prefix_tokens
+        if prefix:  # prefix queries attend to every token
+            out[:, :prefix] = F.scaled_dot_product_attention(q_[:, :, :prefix], k_, v_, scale=scale).transpose(1, 2)
+        out[:, prefix:] = _PatchAttention.apply(q_, k_, v_, mask, scale).transpose(1, 2)
 
     return split_heads_into(q, k, v, mask, attn_mask, masked_heads, dropout_p=dropout_p, scale=scale)
 
