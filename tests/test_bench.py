@@ -275,7 +275,8 @@ def test_merge_keeps_only_the_comparisons_a_run_did_not_redo():
 
 @pytest.mark.slow
 def test_gpu_profile_script_runs_small_on_cpu(tmp_path):
-    """The GPU profile of benchmarks/gpu_profile.py, at tiny sizes on the CPU (about 30 s):
+    """The GPU profile of benchmarks/gpu_profile.py, at tiny sizes on the CPU (about 2
+    minutes, most of it the Triton kernel in Triton's interpreter):
     every section finishes and every timing case gives each candidate a time or a reason.
     Run with `pytest -m slow tests/test_bench.py -k gpu_profile`."""
     out = tmp_path / "profile.json"
