@@ -14,7 +14,7 @@ from strategies import geometries
 
 from attnmask.kernels import fused
 from attnmask.kernels.blocked import blocked_attention
-from attnmask.kernels.fused import patch_forward, triton_attention
+from attnmask.kernels.fused import local_forward, triton_attention
 from attnmask.masks import LocalMask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,19 +51,17 @@ def test_matches_float64_definition_with_gradients(geometry, dim, seed):
         torch.testing.assert_close(a.double(), b, rtol=TOL * 10, atol=TOL * 10, msg=lambda m: f"grad {name}: {m}")
 
 
-@pytest.mark.parametrize("grid, window, prefix_tokens, prefix", [((13, 9), (7, 7), 1, "global"), ((6, 17), (3, 5), 4, "isolated"), ((20, 3), (5, 1), 0, "global")])
-def test_every_patch_row_is_written_and_nothing_else(grid, window, prefix_tokens, prefix):
-    """The kernel writes the patch queries' rows of ``out``, every one of them, and leaves
-    the prefix rows alone (poisoned before the run: NaN stays only where nothing is due)."""
+@pytest.mark.parametrize("grid, window, prefix_tokens, prefix", [((13, 9), (7, 7), 1, "global"), ((6, 17), (3, 5), 4, "isolated"), ((20, 3), (5, 1), 0, "global"), ((3, 3), (3, 3), 20, "global")])
+def test_one_launch_writes_every_row(grid, window, prefix_tokens, prefix):
+    """One launch writes every row of ``out``, prefix queries (their own programs) and patch
+    queries alike: ``out`` is poisoned with NaN before the run."""
     mask = LocalMask(grid, window, prefix_tokens, 2, (0, 1), prefix)
     q, k, v = qkv(2, 2, mask.num_tokens, 16, 0)
     out = torch.full_like(q, float("nan"))
-    patch_forward(q[:, :, :], k, v, mask, 0.25, out[:, :, prefix_tokens:])
-    assert torch.isnan(out[:, :, :prefix_tokens]).all()
-    written = out[:, :, prefix_tokens:]
-    assert torch.isfinite(written).all()
-    expected = definition(q, k, v, (grid, window, prefix_tokens, 2, (0, 1), prefix))  # 0.25 = 16 ** -0.5
-    torch.testing.assert_close(written.double(), expected[:, :, prefix_tokens:], rtol=TOL, atol=TOL)
+    local_forward(q, k, v, mask, 16**-0.5, out)
+    assert torch.isfinite(out).all()
+    expected = definition(q, k, v, (grid, window, prefix_tokens, 2, (0, 1), prefix))
+    torch.testing.assert_close(out.double(), expected, rtol=TOL, atol=TOL)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])

@@ -9,21 +9,23 @@ the border, prefix tokens global or isolated). Softmax is online, as in flash at
 accumulated in float32 (float32 inputs multiply in full precision, not TF32); the row
 log-sum-exp is saved for the backward pass.
 
-Backward, as in flash attention, from the saved log-sum-exp and ``rowsum(dO * O)``: one
-kernel per query tile computes dQ over the same keys as the forward pass; one per key tile
-computes dK and dV from the patch queries whose windows reach it (the window is symmetric,
-so that is the same halo). The prefix keys' dK and dV (every patch query may see them) are
-small ``(patches x prefix)`` products done in PyTorch.
+Prefix-token queries attend to every token: in the same launch, one extra program per
+(batch, head) computes their dense rows (keys in steps of :data:`BLOCK_N`). Global heads take
+dense SDPA (:func:`~attnmask.kernels.common.split_heads_into`).
 
-Prefix-token queries attend to every token: they take one dense SDPA call (its own autograd),
-as do the global heads (:func:`~attnmask.kernels.common.split_heads_into`).
+Backward, as in flash attention, from the saved log-sum-exp and ``rowsum(dO * O)``: one
+launch computes dQ (per query tile over the same keys as the forward pass, and for the
+prefix queries over every key); one computes dK and dV per tile of patch keys, from the
+prefix queries and from the patch queries whose windows reach it (the window is symmetric,
+so that is the same halo). The prefix keys' dK and dV (every query may reach them) are small
+``(tokens x prefix)`` products in PyTorch.
 
 What runs elsewhere (declared in :data:`BACKEND`'s capabilities, so ``auto`` never picks
 this kernel for it): soft mode, a host mask or bias, dropout and per-sample positions run
 :func:`~attnmask.kernels.blocked.blocked_attention`.
 
 Without a CUDA device the kernel runs under Triton's interpreter when ``TRITON_INTERPRET=1``
-was set before :mod:`triton` was imported (tests do this; small shapes only, it is slow).
+was set before :mod:`attnmask.kernels` was imported (tests do this; small shapes only, slow).
 """
 
 from __future__ import annotations
@@ -68,14 +70,52 @@ def unavailable(device: torch.device) -> Optional[str]:
 if triton is not None:
 
     @triton.jit
+    def _prefix_forward(
+        Q, K, V, O, LSE, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+        b, h, bh, prefix, tokens, scale,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    ):
+        """Prefix-token queries attend to every token: dense rows, online softmax."""
+        m = tl.arange(0, BLOCK_P)
+        m_ok = m < prefix
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(Q + b * sqb + h * sqh + m[:, None] * sqn + d[None, :] * sqd,
+                    mask=m_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        m_i = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_P,), tl.float32)
+        acc = tl.zeros((BLOCK_P, BLOCK_DV), tl.float32)
+        for start in range(0, tokens, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < tokens
+            k = tl.load(K + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd,
+                        mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+            v = tl.load(V + b * svb + h * svh + n[:, None] * svn + dv[None, :] * svd,
+                        mask=n_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+            s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee") * scale
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision="ieee")
+            m_i = m_new
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        tl.store(O + b * sob + h * soh + m[:, None] * son + dv[None, :] * sod,
+                 (acc / l_i[:, None]).to(O.dtype.element_ty), mask=m_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
+        tl.store(LSE + bh * tokens + m, m_i + tl.log(l_i), mask=m_ok)
+
+    @triton.jit
     def _local_forward(
         Q, K, V, O, LSE,
         sqb, sqh, sqn, sqd,
         skb, skh, skn, skd,
         svb, svh, svn, svd,
         sob, soh, son, sod,
-        heads, prefix, grid_h, grid_w, radius_h, radius_w, scale,
-        PREFIX_GLOBAL: tl.constexpr,
+        heads, prefix, grid_h, grid_w, radius_h, radius_w, scale, patch_tiles, tokens,
+        PREFIX_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr,
         TH: tl.constexpr, TW: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -85,81 +125,121 @@ if triton is not None:
         bh = tl.program_id(1)
         b = bh // heads
         h = bh % heads
-        tiles_w = tl.cdiv(grid_w, TW)
-        row0 = (tile // tiles_w) * TH
-        col0 = (tile % tiles_w) * TW
+        if tile >= patch_tiles:  # the prefix queries: one program per (batch, head), every key
+            _prefix_forward(
+                Q, K, V, O, LSE, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                b, h, bh, prefix, tokens, scale, BLOCK_P, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            )
+        else:
+            tiles_w = tl.cdiv(grid_w, TW)
+            row0 = (tile // tiles_w) * TH
+            col0 = (tile % tiles_w) * TW
 
-        m_idx = tl.arange(0, TH * TW)
-        q_row = row0 + m_idx // TW
-        q_col = col0 + m_idx % TW
-        q_ok = (q_row < grid_h) & (q_col < grid_w)
-        q_tok = prefix + q_row * grid_w + q_col
-        d = tl.arange(0, BLOCK_D)
-        dv = tl.arange(0, BLOCK_DV)
-        q = tl.load(
-            Q + b * sqb + h * sqh + q_tok[:, None] * sqn + d[None, :] * sqd,
-            mask=q_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0,
-        )
+            m_idx = tl.arange(0, TH * TW)
+            q_row = row0 + m_idx // TW
+            q_col = col0 + m_idx % TW
+            q_ok = (q_row < grid_h) & (q_col < grid_w)
+            q_tok = prefix + q_row * grid_w + q_col
+            d = tl.arange(0, BLOCK_D)
+            dv = tl.arange(0, BLOCK_DV)
+            q = tl.load(
+                Q + b * sqb + h * sqh + q_tok[:, None] * sqn + d[None, :] * sqd,
+                mask=q_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0,
+            )
 
-        m_i = tl.full((TH * TW,), float("-inf"), tl.float32)
-        l_i = tl.zeros((TH * TW,), tl.float32)
-        acc = tl.zeros((TH * TW, BLOCK_DV), tl.float32)
+            m_i = tl.full((TH * TW,), float("-inf"), tl.float32)
+            l_i = tl.zeros((TH * TW,), tl.float32)
+            acc = tl.zeros((TH * TW, BLOCK_DV), tl.float32)
 
-        if PREFIX_GLOBAL:
-            for start in range(0, prefix, BLOCK_P):
-                n = start + tl.arange(0, BLOCK_P)
-                n_ok = n < prefix
-                k = tl.load(K + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd,
-                            mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-                v = tl.load(V + b * svb + h * svh + n[:, None] * svn + dv[None, :] * svd,
-                            mask=n_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
-                s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee") * scale
-                s = tl.where(n_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(s - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision="ieee")
-                m_i = m_new
+            if PREFIX_GLOBAL:
+                for start in range(0, prefix, BLOCK_P):
+                    n = start + tl.arange(0, BLOCK_P)
+                    n_ok = n < prefix
+                    k = tl.load(K + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd,
+                                mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+                    v = tl.load(V + b * svb + h * svh + n[:, None] * svn + dv[None, :] * svd,
+                                mask=n_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+                    s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee") * scale
+                    s = tl.where(n_ok[None, :], s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    p = tl.exp(s - m_safe[:, None])
+                    alpha = tl.exp(m_i - m_safe)
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision="ieee")
+                    m_i = m_new
 
-        row_lo = tl.maximum(row0 - radius_h, 0)
-        row_hi = tl.minimum(row0 + TH - 1 + radius_h, grid_h - 1)
-        col_lo = tl.maximum(col0 - radius_w, 0)
-        col_hi = tl.minimum(col0 + TW - 1 + radius_w, grid_w - 1)
-        n_idx = tl.arange(0, KH * KW)
-        for r in range(row_lo, row_hi + 1, KH):
-            for c in range(col_lo, col_hi + 1, KW):
-                k_row = r + n_idx // KW
-                k_col = c + n_idx % KW
-                k_ok = (k_row <= row_hi) & (k_col <= col_hi)
-                k_tok = prefix + k_row * grid_w + k_col
-                k = tl.load(K + b * skb + h * skh + k_tok[:, None] * skn + d[None, :] * skd,
-                            mask=k_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-                v = tl.load(V + b * svb + h * svh + k_tok[:, None] * svn + dv[None, :] * svd,
-                            mask=k_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
-                s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee") * scale
-                near = (tl.abs(q_row[:, None] - k_row[None, :]) <= radius_h) & (
-                    tl.abs(q_col[:, None] - k_col[None, :]) <= radius_w
-                )
-                s = tl.where(near & k_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(s - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision="ieee")
-                m_i = m_new
+            row_lo = tl.maximum(row0 - radius_h, 0)
+            row_hi = tl.minimum(row0 + TH - 1 + radius_h, grid_h - 1)
+            col_lo = tl.maximum(col0 - radius_w, 0)
+            col_hi = tl.minimum(col0 + TW - 1 + radius_w, grid_w - 1)
+            n_idx = tl.arange(0, KH * KW)
+            for r in range(row_lo, row_hi + 1, KH):
+                for c in range(col_lo, col_hi + 1, KW):
+                    k_row = r + n_idx // KW
+                    k_col = c + n_idx % KW
+                    k_ok = (k_row <= row_hi) & (k_col <= col_hi)
+                    k_tok = prefix + k_row * grid_w + k_col
+                    k = tl.load(K + b * skb + h * skh + k_tok[:, None] * skn + d[None, :] * skd,
+                                mask=k_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+                    v = tl.load(V + b * svb + h * svh + k_tok[:, None] * svn + dv[None, :] * svd,
+                                mask=k_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+                    s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee") * scale
+                    near = (tl.abs(q_row[:, None] - k_row[None, :]) <= radius_h) & (
+                        tl.abs(q_col[:, None] - k_col[None, :]) <= radius_w
+                    )
+                    s = tl.where(near & k_ok[None, :], s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    p = tl.exp(s - m_safe[:, None])
+                    alpha = tl.exp(m_i - m_safe)
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision="ieee")
+                    m_i = m_new
 
-        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows outside the grid (masked on store)
-        out = acc / l_i[:, None]
-        q_patch = q_row * grid_w + q_col
-        tl.store(O + b * sob + h * soh + q_patch[:, None] * son + dv[None, :] * sod,
-                 out.to(O.dtype.element_ty), mask=q_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
-        tl.store(LSE + bh * (grid_h * grid_w) + q_row * grid_w + q_col, m_i + tl.log(l_i), mask=q_ok)
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows outside the grid (masked on store)
+            out = acc / l_i[:, None]
+            tl.store(O + b * sob + h * soh + q_tok[:, None] * son + dv[None, :] * sod,
+                     out.to(O.dtype.element_ty), mask=q_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
+            tl.store(LSE + bh * tokens + q_tok, m_i + tl.log(l_i), mask=q_ok)
 
 
 if triton is not None:
+
+    @triton.jit
+    def _prefix_backward_dq(
+        Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+        sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
+        b, h, bh, prefix, tokens, scale,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    ):
+        """dQ of the prefix queries, over every key."""
+        m = tl.arange(0, BLOCK_P)
+        m_ok = m < prefix
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(Q + b * sqb + h * sqh + m[:, None] * sqn + d[None, :] * sqd,
+                    mask=m_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + m[:, None] * sdon + dv[None, :] * sdod,
+                     mask=m_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+        lse = tl.load(LSE + bh * tokens + m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + bh * tokens + m, mask=m_ok, other=0.0)
+        dq = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
+        for start in range(0, tokens, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < tokens
+            k = tl.load(K + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd,
+                        mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+            v = tl.load(V + b * svb + h * svh + n[:, None] * svn + dv[None, :] * svd,
+                        mask=n_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+            s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee") * scale
+            p = tl.where(n_ok[None, :] & m_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision="ieee")
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, out_dtype=tl.float32, input_precision="ieee")
+        tl.store(DQ + b * sdqb + h * sdqh + m[:, None] * sdqn + d[None, :] * sdqd,
+                 (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (d[None, :] < HEAD_DIM))
 
     @triton.jit
     def _local_backward_dq(
@@ -169,8 +249,8 @@ if triton is not None:
         svb, svh, svn, svd,
         sdob, sdoh, sdon, sdod,
         sdqb, sdqh, sdqn, sdqd,
-        heads, prefix, grid_h, grid_w, radius_h, radius_w, scale,
-        PREFIX_GLOBAL: tl.constexpr,
+        heads, prefix, grid_h, grid_w, radius_h, radius_w, scale, patch_tiles, tokens,
+        PREFIX_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr,
         TH: tl.constexpr, TW: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -182,65 +262,71 @@ if triton is not None:
         bh = tl.program_id(1)
         b = bh // heads
         h = bh % heads
-        tiles_w = tl.cdiv(grid_w, TW)
-        row0 = (tile // tiles_w) * TH
-        col0 = (tile % tiles_w) * TW
-        m_idx = tl.arange(0, TH * TW)
-        q_row = row0 + m_idx // TW
-        q_col = col0 + m_idx % TW
-        q_ok = (q_row < grid_h) & (q_col < grid_w)
-        q_tok = prefix + q_row * grid_w + q_col
-        q_patch = q_row * grid_w + q_col
-        d = tl.arange(0, BLOCK_D)
-        dv = tl.arange(0, BLOCK_DV)
-        q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqn + d[None, :] * sqd,
-                    mask=q_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + q_patch[:, None] * sdon + dv[None, :] * sdod,
-                     mask=q_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
-        lse = tl.load(LSE + bh * (grid_h * grid_w) + q_patch, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + bh * (grid_h * grid_w) + q_patch, mask=q_ok, other=0.0)
-        dq = tl.zeros((TH * TW, BLOCK_D), tl.float32)
+        if tile >= patch_tiles:  # the prefix queries: every key
+            _prefix_backward_dq(
+                Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
+                b, h, bh, prefix, tokens, scale, BLOCK_P, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            )
+        else:
+            tiles_w = tl.cdiv(grid_w, TW)
+            row0 = (tile // tiles_w) * TH
+            col0 = (tile % tiles_w) * TW
+            m_idx = tl.arange(0, TH * TW)
+            q_row = row0 + m_idx // TW
+            q_col = col0 + m_idx % TW
+            q_ok = (q_row < grid_h) & (q_col < grid_w)
+            q_tok = prefix + q_row * grid_w + q_col
+            d = tl.arange(0, BLOCK_D)
+            dv = tl.arange(0, BLOCK_DV)
+            q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqn + d[None, :] * sqd,
+                        mask=q_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + q_tok[:, None] * sdon + dv[None, :] * sdod,
+                         mask=q_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+            lse = tl.load(LSE + bh * tokens + q_tok, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + bh * tokens + q_tok, mask=q_ok, other=0.0)
+            dq = tl.zeros((TH * TW, BLOCK_D), tl.float32)
 
-        if PREFIX_GLOBAL:
-            for start in range(0, prefix, BLOCK_P):
-                n = start + tl.arange(0, BLOCK_P)
-                n_ok = n < prefix
-                k = tl.load(K + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd,
-                            mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-                v = tl.load(V + b * svb + h * svh + n[:, None] * svn + dv[None, :] * svd,
-                            mask=n_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
-                s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee") * scale
-                p = tl.where(n_ok[None, :] & q_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision="ieee")
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, out_dtype=tl.float32, input_precision="ieee")
+            if PREFIX_GLOBAL:
+                for start in range(0, prefix, BLOCK_P):
+                    n = start + tl.arange(0, BLOCK_P)
+                    n_ok = n < prefix
+                    k = tl.load(K + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd,
+                                mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+                    v = tl.load(V + b * svb + h * svh + n[:, None] * svn + dv[None, :] * svd,
+                                mask=n_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+                    s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee") * scale
+                    p = tl.where(n_ok[None, :] & q_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+                    dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision="ieee")
+                    ds = p * (dp - delta[:, None])
+                    dq += tl.dot(ds.to(k.dtype), k, out_dtype=tl.float32, input_precision="ieee")
 
-        row_lo = tl.maximum(row0 - radius_h, 0)
-        row_hi = tl.minimum(row0 + TH - 1 + radius_h, grid_h - 1)
-        col_lo = tl.maximum(col0 - radius_w, 0)
-        col_hi = tl.minimum(col0 + TW - 1 + radius_w, grid_w - 1)
-        n_idx = tl.arange(0, KH * KW)
-        for r in range(row_lo, row_hi + 1, KH):
-            for c in range(col_lo, col_hi + 1, KW):
-                k_row = r + n_idx // KW
-                k_col = c + n_idx % KW
-                k_ok = (k_row <= row_hi) & (k_col <= col_hi)
-                k_tok = prefix + k_row * grid_w + k_col
-                k = tl.load(K + b * skb + h * skh + k_tok[:, None] * skn + d[None, :] * skd,
-                            mask=k_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-                v = tl.load(V + b * svb + h * svh + k_tok[:, None] * svn + dv[None, :] * svd,
-                            mask=k_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
-                s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee") * scale
-                near = (tl.abs(q_row[:, None] - k_row[None, :]) <= radius_h) & (
-                    tl.abs(q_col[:, None] - k_col[None, :]) <= radius_w
-                )
-                p = tl.where(near & k_ok[None, :] & q_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision="ieee")
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, out_dtype=tl.float32, input_precision="ieee")
+            row_lo = tl.maximum(row0 - radius_h, 0)
+            row_hi = tl.minimum(row0 + TH - 1 + radius_h, grid_h - 1)
+            col_lo = tl.maximum(col0 - radius_w, 0)
+            col_hi = tl.minimum(col0 + TW - 1 + radius_w, grid_w - 1)
+            n_idx = tl.arange(0, KH * KW)
+            for r in range(row_lo, row_hi + 1, KH):
+                for c in range(col_lo, col_hi + 1, KW):
+                    k_row = r + n_idx // KW
+                    k_col = c + n_idx % KW
+                    k_ok = (k_row <= row_hi) & (k_col <= col_hi)
+                    k_tok = prefix + k_row * grid_w + k_col
+                    k = tl.load(K + b * skb + h * skh + k_tok[:, None] * skn + d[None, :] * skd,
+                                mask=k_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+                    v = tl.load(V + b * svb + h * svh + k_tok[:, None] * svn + dv[None, :] * svd,
+                                mask=k_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+                    s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee") * scale
+                    near = (tl.abs(q_row[:, None] - k_row[None, :]) <= radius_h) & (
+                        tl.abs(q_col[:, None] - k_col[None, :]) <= radius_w
+                    )
+                    p = tl.where(near & k_ok[None, :] & q_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+                    dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision="ieee")
+                    ds = p * (dp - delta[:, None])
+                    dq += tl.dot(ds.to(k.dtype), k, out_dtype=tl.float32, input_precision="ieee")
 
-        tl.store(DQ + b * sdqb + h * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd,
-                 (dq * scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & (d[None, :] < HEAD_DIM))
+            tl.store(DQ + b * sdqb + h * sdqh + q_tok[:, None] * sdqn + d[None, :] * sdqd,
+                     (dq * scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & (d[None, :] < HEAD_DIM))
 
     @triton.jit
     def _local_backward_dkdv(
@@ -251,15 +337,16 @@ if triton is not None:
         sdob, sdoh, sdon, sdod,
         sdkb, sdkh, sdkn, sdkd,
         sdvb, sdvh, sdvn, sdvd,
-        heads, prefix, grid_h, grid_w, radius_h, radius_w, scale,
+        heads, prefix, grid_h, grid_w, radius_h, radius_w, scale, tokens,
+        BLOCK_P: tl.constexpr,
         TH: tl.constexpr, TW: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     ):
-        """dK and dV of one tile of patch keys from the patch queries whose windows reach it
-        (the window is symmetric: the same halo as a query tile's). Prefix keys are done
-        outside (every patch query may see them)."""
+        """dK and dV of one tile of patch keys from the prefix queries (they see every key)
+        and the patch queries whose windows reach it (the window is symmetric: the same halo
+        as a query tile's). Prefix keys are done outside (every query may see them)."""
         tile = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // heads
@@ -281,6 +368,22 @@ if triton is not None:
         dk = tl.zeros((TH * TW, BLOCK_D), tl.float32)
         dvv = tl.zeros((TH * TW, BLOCK_DV), tl.float32)
 
+        for start in range(0, prefix, BLOCK_P):  # prefix queries see every key
+            m = start + tl.arange(0, BLOCK_P)
+            m_ok = m < prefix
+            q = tl.load(Q + b * sqb + h * sqh + m[:, None] * sqn + d[None, :] * sqd,
+                        mask=m_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + m[:, None] * sdon + dv[None, :] * sdod,
+                         mask=m_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+            lse = tl.load(LSE + bh * tokens + m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + bh * tokens + m, mask=m_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), out_dtype=tl.float32, input_precision="ieee") * scale
+            pt = tl.where(m_ok[None, :] & k_ok[:, None], tl.exp(st - lse[None, :]), 0.0)
+            dvv += tl.dot(pt.to(do.dtype), do, out_dtype=tl.float32, input_precision="ieee")
+            dpt = tl.dot(v, tl.trans(do), out_dtype=tl.float32, input_precision="ieee")
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, out_dtype=tl.float32, input_precision="ieee")
+
         row_lo = tl.maximum(row0 - radius_h, 0)
         row_hi = tl.minimum(row0 + TH - 1 + radius_h, grid_h - 1)
         col_lo = tl.maximum(col0 - radius_w, 0)
@@ -292,13 +395,12 @@ if triton is not None:
                 q_col = c + m_idx % KW
                 q_ok = (q_row <= row_hi) & (q_col <= col_hi)
                 q_tok = prefix + q_row * grid_w + q_col
-                q_patch = q_row * grid_w + q_col
                 q = tl.load(Q + b * sqb + h * sqh + q_tok[:, None] * sqn + d[None, :] * sqd,
                             mask=q_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-                do = tl.load(DO + b * sdob + h * sdoh + q_patch[:, None] * sdon + dv[None, :] * sdod,
+                do = tl.load(DO + b * sdob + h * sdoh + q_tok[:, None] * sdon + dv[None, :] * sdod,
                              mask=q_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
-                lse = tl.load(LSE + bh * (grid_h * grid_w) + q_patch, mask=q_ok, other=0.0)
-                delta = tl.load(DELTA + bh * (grid_h * grid_w) + q_patch, mask=q_ok, other=0.0)
+                lse = tl.load(LSE + bh * tokens + q_tok, mask=q_ok, other=0.0)
+                delta = tl.load(DELTA + bh * tokens + q_tok, mask=q_ok, other=0.0)
                 st = tl.dot(k, tl.trans(q), out_dtype=tl.float32, input_precision="ieee") * scale
                 near = (tl.abs(k_row[:, None] - q_row[None, :]) <= radius_h) & (
                     tl.abs(k_col[:, None] - q_col[None, :]) <= radius_w
@@ -393,36 +495,40 @@ def _interpreter_bfloat16(*tensors: torch.Tensor) -> bool:
     return tensors[0].dtype == torch.bfloat16 and tensors[0].device.type == "cpu"
 
 
-def patch_forward(
+BLOCK_N = 64
+"""Keys per step of the prefix queries' dense rows."""
+
+
+def local_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LocalMask, scale: float, out: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The patch queries' attention of ``q, k, v`` (every head masked).
+    """The attention of ``q, k, v`` with every head masked, in one kernel launch: one program
+    per tile of patch queries, one per (batch, head) for the prefix queries.
 
     Returns:
-        ``(out, lse)``: ``out`` ``(batch, heads, patches, dim_v)`` (laid out as ``(batch,
-        patches, heads, dim_v)``, or the tensor given, any strides) and the row log-sum-exp
-        ``(batch * heads, patches)`` in float32 (float64 for float64 inputs).
+        ``(out, lse)``: ``out`` ``(batch, heads, tokens, dim_v)`` (laid out as ``(batch,
+        tokens, heads, dim_v)``, or the tensor given, any strides) and the row log-sum-exp
+        ``(batch * heads, tokens)`` in float32 (float64 for float64 inputs).
     """
-    batch, heads, _, dim = q.shape
+    batch, heads, tokens, dim = q.shape
     dim_v = v.shape[-1]
-    patches = mask.grid[0] * mask.grid[1]
     if out is None:
-        out = q.new_empty(batch, patches, heads, dim_v).transpose(1, 2)
+        out = q.new_empty(batch, tokens, heads, dim_v).transpose(1, 2)
     if _interpreter_bfloat16(q):
-        wide, lse = patch_forward(q.float(), k.float(), v.float(), mask, scale)
+        wide, lse = local_forward(q.float(), k.float(), v.float(), mask, scale)
         out.copy_(wide)
         return out, lse
     prefix, grid_h, grid_w, radius_h, radius_w = _geometry(mask)
-    lse = torch.empty(batch * heads, patches, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
+    lse = torch.empty(batch * heads, tokens, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
 
     def run(tile: tuple[int, int], warps: int) -> None:
         tile_h, tile_w, key_h, key_w = _tiles(mask, tile)
-        tiles = triton.cdiv(grid_h, tile_h) * triton.cdiv(grid_w, tile_w)
-        _local_forward[(tiles, batch * heads)](
+        patch_tiles = triton.cdiv(grid_h, tile_h) * triton.cdiv(grid_w, tile_w)
+        _local_forward[(patch_tiles + (prefix > 0), batch * heads)](
             q, k, v, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            heads, prefix, grid_h, grid_w, radius_h, radius_w, float(scale),
-            PREFIX_GLOBAL=mask.prefix == "global" and prefix > 0,
+            heads, prefix, grid_h, grid_w, radius_h, radius_w, float(scale), patch_tiles, tokens,
+            PREFIX_GLOBAL=mask.prefix == "global" and prefix > 0, BLOCK_N=BLOCK_N,
             TH=tile_h, TW=tile_w, KH=key_h, KW=key_w,
             BLOCK_P=_pow2(prefix), BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
             HEAD_DIM=dim, HEAD_DIM_V=dim_v, num_warps=warps,
@@ -432,51 +538,54 @@ def patch_forward(
     return out, lse
 
 
-def patch_backward(q, k, v, out, lse, grad_out, mask: LocalMask, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of q, k, v (full token range) from the patch queries' output gradient
-    ``grad_out`` ``(batch, heads, patches, dim_v)``: two kernels (dQ per query tile, dK/dV per
-    key tile), prefix keys' dK/dV in PyTorch (every patch query may see them)."""
+def local_backward(q, k, v, out, lse, grad_out, mask: LocalMask, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v from the output gradient ``grad_out`` ``(batch, heads, tokens,
+    dim_v)``: two launches (dQ per query tile and for the prefix queries; dK/dV per patch-key
+    tile), and the prefix keys' dK/dV, which every query may reach, as small ``(tokens x
+    prefix)`` products in PyTorch."""
     if _interpreter_bfloat16(q):
-        grads = patch_backward(q.float(), k.float(), v.float(), out.float(), lse, grad_out.float(), mask, scale)
+        grads = local_backward(q.float(), k.float(), v.float(), out.float(), lse, grad_out.float(), mask, scale)
         return tuple(g.to(torch.bfloat16) for g in grads)
-    batch, heads, _, dim = q.shape
+    batch, heads, tokens, dim = q.shape
     dim_v = v.shape[-1]
     prefix, grid_h, grid_w, radius_h, radius_w = _geometry(mask)
     tile, warps = TUNED.get(_tune_key(q, v, mask), (TILE, 4))  # the forward's choice
     tile_h, tile_w, key_h, key_w = _tiles(mask, tile)
     work = torch.promote_types(q.dtype, torch.float32)
-    delta = (grad_out.to(work) * out.to(work)).sum(-1).reshape(batch * heads, -1).contiguous()
+    delta = (grad_out.to(work) * out.to(work)).sum(-1).reshape(batch * heads, tokens).contiguous()
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    tiles = triton.cdiv(grid_h, tile_h) * triton.cdiv(grid_w, tile_w)
-    shape = dict(TH=tile_h, TW=tile_w, KH=key_h, KW=key_w, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v), HEAD_DIM=dim, HEAD_DIM_V=dim_v)
+    patch_tiles = triton.cdiv(grid_h, tile_h) * triton.cdiv(grid_w, tile_w)
+    shape = dict(TH=tile_h, TW=tile_w, KH=key_h, KW=key_w, BLOCK_P=_pow2(prefix), BLOCK_D=_pow2(dim),
+                 BLOCK_DV=_pow2(dim_v), HEAD_DIM=dim, HEAD_DIM_V=dim_v, num_warps=warps)
     common = (heads, prefix, grid_h, grid_w, radius_h, radius_w, float(scale))
     global_prefix = mask.prefix == "global" and prefix > 0
-    _local_backward_dq[(tiles, batch * heads)](
+    _local_backward_dq[(patch_tiles + (prefix > 0), batch * heads)](
         q, k, v, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        *common, PREFIX_GLOBAL=global_prefix, BLOCK_P=_pow2(prefix), **shape, num_warps=warps,
+        *common, patch_tiles, tokens, PREFIX_GLOBAL=global_prefix, BLOCK_N=BLOCK_N, **shape,
     )
-    _local_backward_dkdv[(tiles, batch * heads)](
+    _local_backward_dkdv[(patch_tiles, batch * heads)](
         q, k, v, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *common, **shape, num_warps=warps,
+        *common, tokens, **shape,
     )
-    if global_prefix:  # prefix keys, seen by every patch query: small (patches x prefix) products
-        qp, kp, vp = q[:, :, prefix:].to(work), k[:, :, :prefix].to(work), v[:, :, :prefix].to(work)
-        go = grad_out.to(work)
-        p = torch.exp(qp @ kp.transpose(-2, -1) * scale - lse.view(batch, heads, -1, 1))
+    if prefix:  # prefix keys: seen by the prefix queries, and by every patch query when global
+        qs, kp, vp, go = q.to(work), k[:, :, :prefix].to(work), v[:, :, :prefix].to(work), grad_out.to(work)
+        p = torch.exp(qs @ kp.transpose(-2, -1) * scale - lse.view(batch, heads, tokens, 1))
+        if not global_prefix:
+            p[:, :, prefix:] = 0.0
         dv[:, :, :prefix] = (p.transpose(-2, -1) @ go).to(dv.dtype)
-        ds = p * (go @ vp.transpose(-2, -1) - delta.view(batch, heads, -1, 1))
-        dk[:, :, :prefix] = (ds.transpose(-2, -1) @ qp * scale).to(dk.dtype)
+        ds = p * (go @ vp.transpose(-2, -1) - delta.view(batch, heads, tokens, 1))
+        dk[:, :, :prefix] = (ds.transpose(-2, -1) @ qs * scale).to(dk.dtype)
     return dq, dk, dv
 
 
-class _PatchAttention(torch.autograd.Function):
-    """The patch queries' attention of masked heads, forward and backward fused in Triton."""
+class _LocalAttention(torch.autograd.Function):
+    """Masked heads' attention, forward and backward fused in Triton."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
-        out, lse = patch_forward(q, k, v, mask, scale)
+        out, lse = local_forward(q, k, v, mask, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask, ctx.scale = mask, scale
         return out
@@ -484,7 +593,7 @@ class _PatchAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = patch_backward(q, k, v, out, lse, grad_out, ctx.mask, ctx.scale)
+        dq, dk, dv = local_backward(q, k, v, out, lse, grad_out, ctx.mask, ctx.scale)
         return dq, dk, dv, None, None
 
 
@@ -505,8 +614,10 @@ def triton_attention(
         k: Keys, same shape as ``q``.
         v: Values ``(batch, heads, tokens, head_dim_v)``.
         mask: The layer's :class:`~attnmask.masks.LocalMask`.
-        attn_mask, dropout_p: A host mask, dropout, soft mode or per-sample positions run
-            :func:`~attnmask.kernels.blocked.blocked_attention` instead.
+        attn_mask: The host model's own mask; with one (as with dropout, soft mode or
+            per-sample positions) :func:`~attnmask.kernels.blocked.blocked_attention` runs
+            instead.
+        dropout_p: Attention dropout (runs the blocked backend, see ``attn_mask``).
         scale: Softmax scale; ``None`` means ``head_dim ** -0.5``.
 
     Raises:
@@ -524,10 +635,7 @@ def triton_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
     def masked_heads(q_, k_, v_, host, out):
-        prefix = mask.prefix_tokens
-        if prefix:  # prefix queries attend to every token
-            out[:, :prefix] = F.scaled_dot_product_attention(q_[:, :, :prefix], k_, v_, scale=scale).transpose(1, 2)
-        out[:, prefix:] = _PatchAttention.apply(q_, k_, v_, mask, scale).transpose(1, 2)
+        out.copy_(_LocalAttention.apply(q_, k_, v_, mask, scale).transpose(1, 2))
 
     return split_heads_into(q, k, v, mask, attn_mask, masked_heads, dropout_p=dropout_p, scale=scale)
 
