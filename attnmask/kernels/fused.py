@@ -52,6 +52,10 @@ else:
 TILE = (8, 8)
 """Query tile ``(rows, cols)`` of patches per program (64 queries)."""
 
+KEYS_PER_STEP = 64
+"""Keys a patch-query program loads per step (whole halo rows: ``KH`` rows of ``KW``
+patches), fewer where the halo has fewer rows."""
+
 
 def interpreted() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -424,12 +428,13 @@ def _pow2(n: int, least: int = 16) -> int:
 def _tiles(mask: LocalMask, tile: tuple[int, int] = TILE) -> tuple[int, int, int, int]:
     """``(tile_h, tile_w, key_h, key_w)``: query tile (``tile`` clipped to the grid) and key
     step for this geometry."""
-    (grid_h, grid_w), (_, window_w) = mask.grid, mask.window
+    (grid_h, grid_w), (window_h, window_w) = mask.grid, mask.window
     tile_h, tile_w = min(tile[0], _pow2(grid_h, 1)), min(tile[1], _pow2(grid_w, 1))
     while tile_h * tile_w < 16:  # tl.dot needs 16 rows
         tile_w *= 2
     key_w = _pow2(min(tile_w + 2 * (window_w // 2), grid_w), 1)
-    key_h = max(1, 16 // key_w) if key_w < 16 else 1
+    halo_rows = _pow2(min(tile_h + 2 * (window_h // 2), grid_h), 1)
+    key_h = max(16 // key_w, min(KEYS_PER_STEP // key_w, halo_rows), 1)  # at least 16 keys for tl.dot
     return tile_h, tile_w, key_h, key_w
 
 
