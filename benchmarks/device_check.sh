@@ -40,9 +40,10 @@ step 120 40 "Triton kernel tests" python -m pytest -q -p no:cacheprovider -m "" 
 # 1b. Where FlexAttention's per-call floor goes, the direct cuDNN one_call path, and every masked
 #     kernel (blocked included) side by side with dense SDPA (benchmarks/gpu_profile.py).
 step 200 90 "GPU profile" python benchmarks/gpu_profile.py --device cuda --budget 180 --out "$OUT/gpu_profile.json"
-# 2. The done-when figures: timm ViT-B/16 inference at 224 and 1024 px, half the heads masked, bf16.
+# 2. The done-when figures: timm ViT-B/16 inference at 224 and 1024 px, half and all heads masked, bf16,
+#    every backend (triton's first call per shape tunes its tile: a few seconds).
 step 170 90 "ViT-B/16 done-when" python benchmarks/run.py --device cuda --only models --models vit_base_patch16_224 \
-  --sizes 224,1024 --modes inference --out "$OUT/models_vit_done_when.json"
+  --sizes 224,1024 --modes inference --model-heads half,all --max-seconds 5 --out "$OUT/models_vit_done_when.json"
 # 3. Attention level, forward: every backend and FlexAttention variant at 197/1025/4097 tokens.
 step 160 60 "attention forward" python benchmarks/run.py --device cuda --only attention --tokens 197,1025,4097 \
   --passes forward --out "$OUT/attention.json"
