@@ -9,7 +9,7 @@ not import timm (nor this module)::
     model = timm.create_model("mait_s_patch16_224", num_classes=100, drop_path_rate=0.1)
 
 Each is a timm ``VisionTransformer`` (patch 16, MLP ratio 4, a class token, 24 layers; the
-widths and heads of PAPER.md's table) patched by :func:`attnmask.apply` with the ``"mait"``
+widths and heads of the paper's table, reproduced in ``docs/models.md``) patched by :func:`attnmask.apply` with the ``"mait"``
 head schedule (:func:`attnmask.schedules.mait`: every head masked in layers 0-7, head 0 in
 layers 8-15, none in layers 16-23) and a 3 x 3 window. ``attnmask.remove(model)`` gives the
 plain timm ``VisionTransformer``; the state_dict is a plain ViT's state_dict either way.

@@ -27,7 +27,7 @@ def third(layer: int, num_layers: int) -> int:
 
 
 def mait(layer: int, num_layers: int, num_heads: int) -> LayerHeads:
-    """The MaiT models' schedule (PAPER.md, 24 layers): every head masked in the first third
+    """The MaiT models' schedule (the paper's 24-layer models, ``docs/models.md``): every head masked in the first third
     of the layers, one head (head 0) in the middle third, none in the last third."""
     return ("all", 1, 0)[third(layer, num_layers)]
 

@@ -29,7 +29,7 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 if not torch.cuda.is_available():
     # The fused Triton kernel (backend="triton") is checked through Triton's CPU interpreter,
-    # which must be chosen before the kernel is defined (when attnmask.kernels is imported).
+    # which must be chosen before the kernel is defined (on its first call).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

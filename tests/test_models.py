@@ -1,6 +1,6 @@
 """The MaiT models registered in timm (attnmask.models): sizes, masks, arguments, registry.
 
-Parameter counts and GFLOPs are checked against PAPER.md's table within 3%. GFLOPs are the
+Parameter counts and GFLOPs are checked against the paper's table (docs/models.md) within 3%. GFLOPs are the
 paper's: multiply-accumulates (fvcore's convention, DeiT-S 4.6) of one 224 px image.
 ``FlopCounterMode`` counts 2 FLOPs per MAC, and does not count CPU SDPA's fused kernel
 (``_scaled_dot_product_flash_attention_for_cpu`` has no FLOP formula): the count runs
@@ -31,7 +31,7 @@ NAMES = (
     "mait_s_ls_patch16_224",
 )
 
-# name: (width, heads, params in millions, GFLOPs) from PAPER.md's table
+# name: (width, heads, params in millions, GFLOPs) from the paper's table (docs/models.md)
 PAPER = {
     "mait_xt_patch16_224": (144, 3, 6.3, 1.5),
     "mait_t_patch16_224": (192, 3, 11.0, 2.5),
