@@ -15,12 +15,12 @@ its search rule), ``import attnmask.models`` (MaiT models in timm's registry) an
 
 from . import schedules
 from .adapters import supported
-from .api import apply, describe, get_spec, is_patched, remove
+from .api import apply, describe, get_spec, inspect, is_patched, remove
 from .hub import from_pretrained, save_pretrained
 from .hub.hooks import register as _register_transformers_hook
 from .locality import locality_scores, suggest_heads
 from .masks import LocalMask, local_window
-from .report import MaskReport
+from .report import InspectReport, MaskReport
 from .spec import MaskSpec
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 _register_transformers_hook()
 
 __all__ = [
+    "InspectReport",
     "LocalMask",
     "MaskReport",
     "MaskSpec",
@@ -36,6 +37,7 @@ __all__ = [
     "describe",
     "from_pretrained",
     "get_spec",
+    "inspect",
     "is_patched",
     "local_window",
     "locality_scores",

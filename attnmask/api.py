@@ -13,7 +13,7 @@ from torch import nn
 
 from .adapters import adapter_named, find_adapter
 from .kernels import choose_backend, resolve_backend
-from .report import LayerRow, MaskReport
+from .report import InspectReport, LayerRow, MaskReport
 from .spec import Heads, LayerPlan, MaskSpec, check_mode, check_prefix, normalize_window, resolve_heads
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -49,6 +49,7 @@ def apply(
     prefix: str = "global",
     backend: str = "auto",
     mode: str = "hard",
+    example: Any = None,
 ) -> ModelT:
     """Make chosen attention heads of ``model`` local, in place.
 
@@ -82,6 +83,8 @@ def apply(
             local and sparse kernels can skip the masked work) or ``"soft"`` (the paper's
             Eq. 2: out-of-window logits are set to 0 before the softmax, so some global
             information leaks in; computed densely).
+        example: An input for the one observing forward that models of no family adapter
+            get (see :func:`inspect`); default: one random image of the model's configured size.
 
     Returns:
         The same ``model``, patched.
@@ -101,7 +104,7 @@ def apply(
             f"backend={backend!r} is not accepted for {adapter.name} models: their masked heads run in "
             f"the host's own attention code ({adapter.backend_label}); accepted: {list(accepted)}"
         )
-    sites = adapter.sites(model)
+    sites = adapter.sites(model, example) if adapter.observes else adapter.sites(model)
     if not sites:
         raise TypeError(f"attnmask found no attention layers to patch in {type(model).__name__}")
     chosen = resolve_heads(heads, [site.num_heads for site in sites])
@@ -183,7 +186,7 @@ def describe(model: nn.Module) -> MaskReport:
     model = unwrap(model)
     spec = get_spec(model)
     adapter = adapter_named(spec.family) if spec is not None else find_adapter(model)
-    notes = tuple(adapter.notes(model)) if hasattr(adapter, "notes") else ()
+    notes = tuple(adapter.notes(model))
     if spec is None:
         sites = adapter.sites(model)
         rows = [LayerRow(s.layer, s.name, s.num_heads, ()) for s in sites]
@@ -192,6 +195,22 @@ def describe(model: nn.Module) -> MaskReport:
     grid = adapter.grid(model)
     resolved = getattr(adapter, "backend_label", None) or _resolved_label(model, adapter, spec, grid)
     return MaskReport(adapter.name, rows, spec.window, grid, spec.prefix, spec.backend, resolved, spec, notes)
+
+
+def inspect(model: nn.Module, example: Any = None) -> InspectReport:
+    """What attnmask finds in ``model``, layer by layer, before anything is patched.
+
+    Every attention-like module is listed with the adapter that would patch it and what it
+    attends over, or the reason it is refused (channel attention, class attention, a
+    sequence that fits no patch grid, ...). Models no family adapter claims are checked by
+    one forward pass on ``example`` (default: one random image of the model's configured
+    size), with the model in eval mode and gradients off; the model is left as it was.
+    ``print(attnmask.inspect(model))`` shows a table; ``.to_dict()`` gives plain data.
+    """
+    model = unwrap(model)
+    adapter = find_adapter(model)
+    title = f"{type(model).__module__}.{type(model).__qualname__}"
+    return InspectReport(title, adapter.name, adapter.findings(model, example), tuple(adapter.notes(model)))
 
 
 def _resolved_label(model: nn.Module, adapter, spec: MaskSpec, grid: Optional[tuple[int, int]]) -> str:
@@ -203,7 +222,7 @@ def _resolved_label(model: nn.Module, adapter, spec: MaskSpec, grid: Optional[tu
     parameter = next(model.parameters(), None)
     if parameter is None or grid is None or not spec.masked_layers:
         return "sdpa"
-    prefix_tokens = adapter.prefix_tokens(model) if hasattr(adapter, "prefix_tokens") else 0
+    prefix_tokens = adapter.prefix_tokens(model)
     fraction = max(len(spec.heads[i]) / spec.num_heads[i] for i in spec.masked_layers)
     tokens = prefix_tokens + grid[0] * grid[1]
     return choose_backend(parameter.device.type, parameter.dtype, tokens, fraction, False, spec.mode)

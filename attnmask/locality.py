@@ -226,6 +226,7 @@ def locality_scores(
     spec = get_spec(model)
     try:
         adapter = adapter_named(spec.family) if spec is not None else find_adapter(model)
+        sites = adapter.sites(model)
     except TypeError as error:
         raise TypeError(
             f"{error} (locality_scores does not support the families whose attention runs in host "
@@ -238,7 +239,6 @@ def locality_scores(
             f"own code ({getattr(adapter, 'backend_label', 'not an attnmask kernel')}), where attnmask cannot "
             f"read the probabilities. Supported families: {', '.join(covered)}"
         )
-    sites = adapter.sites(model)
     if not sites:
         raise TypeError(f"attnmask found no attention layers to score in {type(model).__name__}")
     heads = spec.heads if spec is not None else tuple(() for _ in sites)

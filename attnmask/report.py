@@ -108,3 +108,57 @@ def _ranges(indices: tuple[int, ...]) -> str:
         if i is not None:
             start = prev = i
     return ",".join(parts)
+
+
+@dataclass
+class FoundLayer:
+    """One attention-like module of a model, as an adapter found it (:func:`attnmask.inspect`).
+
+    Attributes:
+        name: Module name.
+        kind: The host's class name of the module.
+        num_heads: Number of heads.
+        status: ``"patchable"`` or ``"refused"``.
+        reason: Why it is refused (empty if patchable).
+        route: How a patched layer's attention is reached (``"sdpa"``, ``"softmax"``, ...).
+        geometry: What the layer attends over (grid, prefix tokens, host windows), where known.
+    """
+
+    name: str
+    kind: str
+    num_heads: int
+    status: str
+    reason: str = ""
+    route: str = ""
+    geometry: str = ""
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """What attnmask finds in a model before anything is patched (:func:`attnmask.inspect`)."""
+
+    model: str
+    adapter: str
+    layers: list[FoundLayer]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def patchable(self) -> list[FoundLayer]:
+        return [layer for layer in self.layers if layer.status == "patchable"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "adapter": self.adapter,
+            "layers": [vars(layer) for layer in self.layers],
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{self.model}: {len(self.patchable)} of {len(self.layers)} attention layers patchable ({self.adapter})"]
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        for layer in self.layers:
+            detail = layer.geometry if layer.status == "patchable" else layer.reason
+            lines.append(f"  {layer.name:<{width}}  {layer.kind:<24} {layer.num_heads:>3} heads  {layer.status:<9}  {detail}")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)

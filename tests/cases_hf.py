@@ -76,6 +76,10 @@ CASES = [
     vit_like("hf-dinov2-reg", "hf.dinov2", T.Dinov2WithRegistersModel, T.Dinov2WithRegistersConfig, 5, num_register_tokens=4),
     vit_like("hf-clip", "hf.clip", T.CLIPVisionModel, T.CLIPVisionConfig, 1),
     vit_like("hf-siglip", "hf.siglip", T.SiglipVisionModel, T.SiglipVisionConfig, 0),
+    # No family adapter of their own: I-JEPA through the structural transformers adapter,
+    # Data2VecVision (its own SDPA call) through the structural adapter.
+    vit_like("hf-ijepa", "hf", T.IJepaModel, T.IJepaConfig, 0),
+    vit_like("hf-data2vec-vision", "generic", T.Data2VecVisionModel, T.Data2VecVisionConfig, 1, use_relative_position_bias=True),
     FamilyCase(
         id="hf-vit-mae",
         family="hf.vit_mae",

@@ -220,4 +220,6 @@ CASES = [
     vit_like_case("timm-eva02-rope", "timm.eva", "eva02_tiny_patch14_224", 1, dynamic=True),
     vit_like_case("timm-eva", "timm.eva", "eva_giant_patch14_224", 1, mlp_ratio=4.0),
     vit_like_case("timm-eva-dinov3-reg4", "timm.eva", "vit_small_patch16_dinov3", 5),
+    # No family adapter claims ROPE-ViT's AttentionRope: the structural adapter patches it.
+    vit_like_case("timm-generic-vit-rope", "generic", "vit_small_patch16_rope_224", 1, dynamic=True),
 ]

@@ -87,13 +87,14 @@ def test_masks_are_not_built_inside_a_forward_after_the_first(monkeypatch):
     assert len(calls) == first
 
 
-def test_unsupported_models_list_supported_families():
+def test_models_without_attention_are_refused_with_the_structural_reason():
     import timm
 
     for model in (torch.nn.Sequential(torch.nn.Linear(2, 2)), timm.create_model("resnet10t", pretrained=False)):
         with pytest.raises(TypeError) as info:
             attnmask.apply(model, heads=1)
-        assert "timm.vit" in str(info.value) and "Supported families" in str(info.value)
+        assert "no module computes attention between tokens" in str(info.value)
+        assert type(model).__name__ in str(info.value)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         attnmask.apply("vit_small_patch16_224")
 

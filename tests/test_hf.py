@@ -234,13 +234,16 @@ def test_describe_warns_when_the_implementation_was_switched_away():
     assert model.config._attn_implementation == "eager"
 
 
-def test_model_that_computes_attention_itself_is_rejected():
+def test_model_that_computes_attention_itself_goes_to_the_structural_adapter():
     """Data2VecVision copies BEiT but does not dispatch through ALL_ATTENTION_FUNCTIONS:
-    selecting "attnmask" would silently change nothing, so it must be refused."""
+    selecting "attnmask" on its config would silently change nothing. It is patched by the
+    structural adapter instead, which intercepts its own SDPA call; the check proves the masks
+    act (zero weight outside the window, the perturbed patch's token where attnmask put it)."""
+    from attnmask.coverage import check_model
+
     config = T.Data2VecVisionConfig(**SMALL)
     model = T.Data2VecVisionModel(config).eval()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(TypeError, match="Supported families"):
-        attnmask.apply(model, heads="all", window=3)
-    assert not attnmask.is_patched(model)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    row = check_model(model, torch.randn(1, 3, 40, 40, generator=torch.Generator().manual_seed(0)))
+    assert row["status"] == "patched" and row["family"] == "generic", row
+    assert row["layout"] == "checked" and row["remove_identical"]
+    assert config._attn_implementation != "attnmask"

@@ -20,7 +20,6 @@ from attnmask.kernels import BACKENDS
 timm = pytest.importorskip("timm")
 from timm.models.cait import ClassAttn  # noqa: E402
 
-from attnmask.adapters.timm_eva import local_mask  # noqa: E402
 
 CASE = {case.id: case for case in CASES}
 
@@ -382,7 +381,7 @@ def test_eva_patch_dropout_in_training():
     # The mask of the latest forward is the full-layout mask read at each kept patch's position.
     attn = model.blocks[0].attn
     keep = attn._attnmask_kept.keep
-    mask = local_mask(attn._attnmask_plan, attn._attnmask_tokens, attn._attnmask_kept, 1 + 17)
+    mask = attn._attnmask_tokens.mask(attn._attnmask_plan, 2, 1 + 17, attn._attnmask_kept)
     full = brute_force_mask((5, 7), (3, 3), 1, 4, (0, 2))
     for sample in range(2):
         positions = torch.cat([torch.zeros(1, dtype=torch.long), 1 + keep[sample]])

@@ -12,10 +12,11 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Optional, Sequence
 
 from torch import nn
 
+from ..report import FoundLayer
 from ..spec import LayerPlan
 
 
@@ -36,28 +37,55 @@ class Site:
     module: nn.Module
 
 
-class Adapter(Protocol):
-    """What every adapter module exposes as ``ADAPTER``."""
+class Adapter:
+    """The one base of every adapter: what it provides, with defaults.
 
-    name: str
+    A family adapter says which layers it recognises (:meth:`sites`), how it patches and
+    unpatches them (:meth:`install`, :meth:`uninstall`) and, for reports, the grid and the
+    prefix tokens of the latest forward. Adapter modules expose one instance as ``ADAPTER``
+    (or the attribute their registry row names).
+    """
+
+    name: str = ""
+    observes: bool = False
+    """Whether :meth:`sites` runs an observing forward (and takes ``example=``)."""
 
     def matches(self, model: nn.Module) -> bool:
         """Whether this adapter handles ``model`` (cheap; no side effects)."""
+        raise NotImplementedError
 
     def sites(self, model: nn.Module) -> list[Site]:
         """The attention layers to patch, in layer order; raises if the model cannot be patched."""
+        raise NotImplementedError
 
     def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:
         """Patch ``sites`` with their ``plans`` (only layers with masked heads are given)."""
+        raise NotImplementedError
 
     def uninstall(self, model: nn.Module, names: Sequence[str]) -> None:
         """Restore the original modules named ``names`` and drop every trace of the patch."""
+        raise NotImplementedError
 
-    def grid(self, model: nn.Module) -> tuple[int, int] | None:
-        """The patch grid of the model's latest (or default) input size, for reports."""
+    def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
+        """The patch grid of the model's latest (or default) input, for reports."""
+        return None
+
+    def prefix_tokens(self, model: nn.Module) -> int:
+        """Tokens before the patches in the attention layers' sequences, for reports."""
+        return 0
 
     def notes(self, model: nn.Module) -> list[str]:
         """What ``describe()`` should add about this model (layers left alone, caveats)."""
+        return []
+
+    def findings(self, model: nn.Module, example=None) -> list[FoundLayer]:
+        """Every attention layer found, layer by layer (default: the sites, all patchable)."""
+        grid = self.grid(model)
+        geometry = f"{grid[0]}x{grid[1]} grid" if grid else ""
+        return [
+            FoundLayer(s.name, getattr(type(s.module), "_attnmask_host", type(s.module)).__name__, s.num_heads, "patchable", geometry=geometry)
+            for s in self.sites(model)
+        ]
 
     # Optional, for adapters whose masked heads run in the host's own attention code rather
     # than an attnmask kernel: the ``backend`` values they honour and what runs instead.
@@ -248,6 +276,21 @@ REGISTRY: tuple[AdapterEntry, ...] = (
         tested=HF_TESTED,
     ),
     AdapterEntry(
+        name="hf",
+        host="transformers",
+        module="attnmask.adapters.hf",
+        attr="ANY",
+        models="any other Hugging Face vision model whose attention layers dispatch through the attention "
+        "interface and whose embeddings turn pixels into patches (I-JEPA, Data2VecVision, YOLOS, DPT, "
+        "AIMv2, BLIP-2's vision tower, ...)",
+        how=_HF_HOW + "; the grid, the prefix tokens and host windows are learned per call from the "
+        "patch embedding's output and the token count",
+        caveats="Tokens after the patches are recognised from the config's `num_detection_tokens` "
+        "(YOLOS). Layers whose keys sit on a coarser grid (pooled keys) accept mode='hard' only and "
+        "run densely.",
+        tested=HF_TESTED,
+    ),
+    AdapterEntry(
         name="torchvision.vit",
         host="torchvision",
         module="attnmask.adapters.torchvision_vit",
@@ -276,6 +319,24 @@ REGISTRY: tuple[AdapterEntry, ...] = (
         "window rather than shrinking it. torchvision computes attention explicitly; global heads run "
         "through SDPA, so they equal the unpatched model up to float32 rounding, not bit for bit.",
         tested=TORCHVISION_TESTED,
+    ),
+    AdapterEntry(
+        name="generic",
+        host="torch",
+        module="attnmask.adapters.generic",
+        models="any other model whose attention layers (a module with `num_heads` calling "
+        "`scaled_dot_product_attention` or a softmax) run over a patch grid: hierarchical, windowed "
+        "and pooled-attention models of timm, torchvision and others",
+        how="found by structure and checked by one observing forward on an example input; each "
+        "patched layer's class is swapped to a subclass that runs the host's forward under a "
+        "`TorchFunctionMode` routing its `scaled_dot_product_attention` call to the layer's kernel "
+        "(or adding the mask to the logits of its explicit softmax); grid, prefix tokens and host "
+        "windows are learned per call from run-time shapes",
+        caveats="Layers that attend over channels, predict their weights without keys, pool with "
+        "learned queries or see an unrolled token order are refused with the reason. Layers computing "
+        "attention with an explicit softmax, and pooled layers (keys on a coarser grid), accept "
+        "mode='hard' only and run densely.",
+        tested=TIMM_TESTED + TORCHVISION_TESTED,
     ),
 )
 

@@ -41,8 +41,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..kernels import get_kernel
 from ..masks import combine_masks
 from ..spec import LayerPlan
-from . import Site
-from .hf_layouts import PatchLayout, ShuffledPatchLayout, WindowLayout, pair
+from . import Adapter, Site
+from .layouts import KeptPatches, PatchLayout, WindowLayout, pair
 from .swap import remove_attnmask_hooks
 
 ATTN_NAME = "attnmask"
@@ -99,6 +99,14 @@ def attnmask_attention(
         causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
         attention_mask = combine_masks(attention_mask, causal, query.dtype)
     layout = module.__dict__["_attnmask_layout"]
+    if key.shape[2] != query.shape[2] and hasattr(layout, "pooled_bias"):  # keys on a coarser grid
+        if plan.mode != "hard":
+            raise ValueError(f"attnmask: a layer with pooled keys accepts mode='hard' only, not {plan.mode!r}")
+        bias = layout.pooled_bias(plan, query, key, attention_mask)
+        recorded = layout.recorded(query, key, value, bias, scaling)
+        if recorded is not None:
+            return recorded.transpose(1, 2).contiguous(), None
+        return _fallback(module)(module, query, key, value, bias, scaling=scaling, dropout=dropout, **kwargs)
     mask = layout.mask(plan, query.shape[0], query.shape[2])
     out = get_kernel(plan.backend)(query, key, value, mask, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -113,8 +121,10 @@ class HFFamily:
 
     Attributes:
         name: Adapter name (``"hf.vit"``, ...).
-        models: Model-type directories under ``transformers.models`` it covers.
-        layout: ``"patches"``, ``"shuffled"`` (ViTMAE) or ``"windows"`` (Swin).
+        models: Model-type directories under ``transformers.models`` it covers; empty: any
+            model type (attention layers whose config describes images).
+        layout: ``"patches"``, ``"shuffled"`` (ViTMAE), ``"windows"`` (Swin) or ``"runtime"``
+            (learned per call from run-time shapes, :class:`~attnmask.adapters.generic.SiteLayout`).
         prefix_tokens: ``config -> number of prefix tokens``.
         vision_only: Keep only layers whose config is a vision config (CLIP/SigLIP towers).
         skip: Module-name parts whose layers are left alone (ViTMAE's decoder).
@@ -132,7 +142,7 @@ def _modeling_modules(models: Sequence[str]) -> tuple[str, ...]:
     return tuple(f"transformers.models.{m}.modeling_{m}" for m in models)
 
 
-class HFAdapter:
+class HFAdapter(Adapter):
     """Adapter for one family of transformers models (see :class:`HFFamily`)."""
 
     def __init__(self, family: HFFamily) -> None:
@@ -146,6 +156,12 @@ class HFAdapter:
         (read from its forward's code: a module computing attention itself would silently
         ignore the registered function)."""
         cls = type(module)
+        if not self.family.models:
+            return (
+                cls.__module__.startswith("transformers.models.")
+                and _describes_images(getattr(module, "config", None))
+                and "ALL_ATTENTION_FUNCTIONS" in getattr(getattr(cls.forward, "__code__", None), "co_names", ())
+            )
         return (
             cls.__module__ in self._modules
             and cls.__name__.endswith("Attention")
@@ -169,14 +185,32 @@ class HFAdapter:
         return out
 
     def matches(self, model: nn.Module) -> bool:
-        return bool(self._attention_modules(model))
+        if not self._attention_modules(model):
+            return False
+        if self.family.layout == "runtime":  # structural: also needs pixels turned into patches
+            return self._naflex(model) or self._has_patch_embedding(model)
+        return True
+
+    def _has_patch_embedding(self, model: nn.Module) -> bool:
+        try:
+            self._patch_embedding(model)
+        except TypeError:
+            return False
+        return True
+
+    @staticmethod
+    def _naflex(model: nn.Module) -> bool:
+        """Per-sample patch grids given as ``spatial_shapes`` (SigLIP2's NaFlex)."""
+        from .generic import takes_spatial_shapes
+
+        return any(takes_spatial_shapes(m) for m in model.modules())
 
     def sites(self, model: nn.Module) -> list[Site]:
         sites = []
         for i, (name, module) in enumerate(self._attention_modules(model)):
             heads = getattr(module, "num_attention_heads", None) or getattr(module, "num_heads", None)
             sites.append(Site(name=name, layer=i, num_heads=int(heads or module.config.num_attention_heads), module=module))
-        if self.family.layout != "windows":
+        if self.family.layout != "windows" and not (self.family.layout == "runtime" and self._naflex(model)):
             self._patch_embedding(model)  # fails early, before anything is patched
         return sites
 
@@ -196,19 +230,23 @@ class HFAdapter:
         raise TypeError(f"attnmask: found no ViTMAE embeddings module above {conv_name}")
 
     # -- patching -----------------------------------------------------------------------
-    def _layout(self, model: nn.Module, config) -> object:
+    def _layout(self, model: nn.Module, config, sites: Sequence[Site] = ()) -> object:
         family = self.family
+        if family.layout == "runtime":
+            from .generic import runtime_layouts
+
+            suffix = int(getattr(config, "num_detection_tokens", 0) or 0)
+            return runtime_layouts(model, sites, None, suffix)
         if family.layout == "windows":
             return None  # one per layer: each Swin stage has its own window size
         conv_name, conv = self._patch_embedding(model)
         image = pair(getattr(config, "image_size", 224))
         patch = pair(getattr(config, "patch_size", conv.stride))
         static = (image[0] // patch[0], image[1] // patch[1])
+        layout = PatchLayout(family.prefix_tokens(config), static)
         if family.layout == "shuffled":
-            layout = ShuffledPatchLayout(family.prefix_tokens(config), static)
-            self._embeddings(model, conv_name).register_forward_hook(layout.record_shuffle)
-        else:
-            layout = PatchLayout(family.prefix_tokens(config), static)
+            layout.kept = KeptPatches.from_ids_restore()
+            self._embeddings(model, conv_name).register_forward_hook(layout.kept)
         conv.register_forward_hook(layout)
         return layout
 
@@ -216,13 +254,16 @@ class HFAdapter:
         if not sites:
             return  # nothing masked: the model keeps its own attention implementation
         every_site = self.sites(model)
-        layout = self._layout(model, every_site[0].module.config)
+        layout = self._layout(model, every_site[0].module.config, sites)
         for site in every_site:
             site.module.__dict__[_PREVIOUS] = site.module.config._attn_implementation
         for site, plan in zip(sites, plans):
             module = site.module
             module._attnmask_plan = plan
-            module._attnmask_layout = layout if layout is not None else WindowLayout(self._window_size(module))
+            if isinstance(layout, dict):
+                module._attnmask_layout = layout[site.name]
+            else:
+                module._attnmask_layout = layout if layout is not None else WindowLayout(self._window_size(module))
         self._select(model, [site.module.config for site in every_site])
 
     @staticmethod
@@ -255,6 +296,9 @@ class HFAdapter:
 
     def prefix_tokens(self, model: nn.Module) -> int:
         """Tokens before the patches in the attention layers' sequences."""
+        if self.family.layout == "runtime":
+            layouts = [m.__dict__["_attnmask_layout"] for _, m in self._attention_modules(model) if "_attnmask_layout" in m.__dict__]
+            return layouts[0].prefix_tokens if layouts else 0
         sites = self.sites(model)
         return int(self.family.prefix_tokens(sites[0].module.config)) if sites else 0
 
@@ -263,6 +307,8 @@ class HFAdapter:
             layout = module.__dict__.get("_attnmask_layout")
             if layout is not None:
                 return layout.grid
+        if self.family.layout == "runtime":
+            return None
         if self.family.layout == "windows":
             modules = self._attention_modules(model)
             size = self._window_size(modules[0][1]) if modules else 0
@@ -299,6 +345,13 @@ class HFAdapter:
         return notes
 
 
+def _describes_images(config) -> bool:
+    """A config of a model that sees images (an image size or a number of image channels)."""
+    return config is not None and (
+        getattr(config, "image_size", None) is not None or getattr(config, "num_channels", None) is not None
+    )
+
+
 def _restore_configs(saved) -> None:
     """Put back each config's implementation, unless the user has chosen another since."""
     for config, implementation in saved:
@@ -318,3 +371,5 @@ SWIN = HFAdapter(HFFamily("hf.swin", ("swin",), layout="windows", prefix_tokens=
 VIT_MAE = HFAdapter(HFFamily("hf.vit_mae", ("vit_mae",), layout="shuffled", skip=("decoder",)))
 CLIP = HFAdapter(HFFamily("hf.clip", ("clip",), vision_only=True))
 SIGLIP = HFAdapter(HFFamily("hf.siglip", ("siglip",), prefix_tokens=lambda config: 0, vision_only=True))
+ANY = HFAdapter(HFFamily("hf", (), layout="runtime", prefix_tokens=lambda config: 0))
+"""Any other transformers vision model: layers found by structure, layout learned per call."""

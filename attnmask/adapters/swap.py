@@ -16,7 +16,7 @@ from typing import ClassVar, Mapping, Optional, Sequence
 from torch import nn
 
 from ..spec import LayerPlan
-from . import Site
+from . import Adapter, Site
 
 
 def is_attnmask_hook(hook) -> bool:
@@ -39,7 +39,7 @@ def drop_attnmask_attributes(module: nn.Module) -> None:
         del module.__dict__[attr]
 
 
-class ClassSwapAdapter:
+class ClassSwapAdapter(Adapter):
     """Base of the adapters that swap attention modules' classes to masked subclasses."""
 
     name: ClassVar[str]

@@ -17,14 +17,15 @@ from torch import nn
 
 from ..kernels import get_kernel
 from ..spec import LayerPlan
-from .timm_vit import TimmPatchAdapter, TokenLayout, layout_mask, timm_qkv
+from .layouts import PatchLayout
+from .timm_vit import TimmPatchAdapter, timm_qkv
 
 
 class MaskedBeitAttention(BeitAttention):
     """BEiT ``Attention`` whose chosen heads are local; the relative position bias is kept."""
 
     _attnmask_plan: LayerPlan
-    _attnmask_tokens: TokenLayout
+    _attnmask_tokens: PatchLayout
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
@@ -44,7 +45,7 @@ class MaskedBeitAttention(BeitAttention):
         elif shared_rel_pos_bias is not None:
             rel_pos_bias = shared_rel_pos_bias
 
-        mask = layout_mask(tokens, plan, N)
+        mask = tokens.mask(plan, B, N)
         x = get_kernel(plan.backend)(
             q, k, v, mask, attn_mask=rel_pos_bias, dropout_p=self.attn_drop.p if self.training else 0.0
         )

@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from timm.models.cait import ClassAttn, TalkingHeadAttn
 from torch import nn
 
+from ..kernels import record
 from ..masks import mask_logits
 from ..spec import LayerPlan
-from .timm_vit import TimmPatchAdapter, TokenLayout, layout_mask
+from .layouts import PatchLayout
+from .timm_vit import TimmPatchAdapter
 
 
 def _mix_heads(layer: nn.Linear, attn: torch.Tensor) -> torch.Tensor:
@@ -54,12 +56,12 @@ class MaskedTalkingHeadAttn(TalkingHeadAttn):
     """``TalkingHeadAttn`` whose chosen heads' mixed logits are local (see the module docstring)."""
 
     _attnmask_plan: LayerPlan
-    _attnmask_tokens: TokenLayout
+    _attnmask_tokens: PatchLayout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         plan = self._attnmask_plan
-        mask = layout_mask(self._attnmask_tokens, plan, N)
+        mask = self._attnmask_tokens.mask(plan, B, N)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         if plan.backend == "reference":
             qkv = qkv.double()
@@ -69,6 +71,9 @@ class MaskedTalkingHeadAttn(TalkingHeadAttn):
         attn = _mix_heads(self.proj_l, attn)
         attn = mask_logits(attn, mask)
         attn = attn.softmax(dim=-1)
+        recorder = record.current_recorder()
+        if recorder is not None:  # the masked (head-mixed) weights, before proj_w mixes them again
+            recorder(attn.float(), mask)
         attn = _mix_heads(self.proj_w, attn)
         attn = self.attn_drop(attn)
 

@@ -4,7 +4,7 @@
 projections, q/k norms, rotary embeddings on the patch tokens only, the host's
 ``attn_mask``/``is_causal``, inner norm, gate and projection) and runs the attention through
 the layer's kernel. The grid of each forward comes from the patch embedding through
-:class:`~attnmask.adapters.timm_vit.TokenLayout`, so ``dynamic_img_size=True`` models work at
+:class:`~attnmask.adapters.layouts.PatchLayout`, so ``dynamic_img_size=True`` models work at
 any input size. In training with patch dropout (``patch_drop_rate > 0``) each sample keeps a
 random subset of patches: the indices the dropout kept are recorded by a forward hook on
 ``model.patch_drop`` and the mask is read at each kept patch's true grid position.
@@ -20,49 +20,18 @@ from timm.models.eva import EvaAttention
 from torch import nn
 
 from ..kernels import get_kernel
-from ..masks import LocalMask, combine_masks, kept_positions
+from ..masks import combine_masks
 from ..spec import LayerPlan
 from . import Site
-from .timm_vit import TimmPatchAdapter, TokenLayout, timm_qkv
-
-
-class KeptPatches:
-    """Forward hook on ``patch_drop``: the patch indices kept by the latest forward.
-
-    ``keep`` is ``(batch, kept)`` indices into the patch grid (row-major), or ``None`` when
-    every patch was kept (eval mode, or no dropout).
-    """
-
-    def __init__(self) -> None:
-        self.keep: Optional[torch.Tensor] = None
-
-    def __call__(self, module: nn.Module, args, output) -> None:
-        keep = output[1] if isinstance(output, tuple) and len(output) == 2 else None
-        self.keep = keep if isinstance(keep, torch.Tensor) else None
-
-
-def local_mask(plan: LayerPlan, tokens: TokenLayout, kept: Optional[KeptPatches], num_tokens: int) -> LocalMask:
-    """The layer's mask for a sequence of ``num_tokens`` tokens.
-
-    With patch dropout, the sequence holds the prefix tokens and each sample's kept patches;
-    ``positions`` then maps every token to its index in the full layout.
-    """
-    prefix_tokens = tokens.prefix_tokens
-    keep = kept.keep if kept is not None else None
-    positions = None
-    if keep is not None and keep.shape[-1] == num_tokens - prefix_tokens:
-        grid = tokens.last_grid or tokens.static_grid
-        positions = kept_positions(keep, prefix_tokens)
-    else:
-        grid = tokens.grid(num_tokens)
-    return plan.local_mask(grid, prefix_tokens, positions)
+from .layouts import KeptPatches, PatchLayout
+from .timm_vit import TimmPatchAdapter, timm_qkv
 
 
 class MaskedEvaAttention(EvaAttention):
     """``EvaAttention`` whose chosen heads are local; rotary embeddings applied as before."""
 
     _attnmask_plan: LayerPlan
-    _attnmask_tokens: TokenLayout
+    _attnmask_tokens: PatchLayout
     _attnmask_kept: Optional[KeptPatches]
 
     def forward(
@@ -101,7 +70,7 @@ class MaskedEvaAttention(EvaAttention):
             causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
             attn_mask = combine_masks(attn_mask, causal, q.dtype)
 
-        mask = local_mask(plan, self._attnmask_tokens, self._attnmask_kept, N)
+        mask = self._attnmask_tokens.mask(plan, B, N, self._attnmask_kept)
         x = get_kernel(plan.backend)(
             q, k, v, mask, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0
         )
@@ -128,7 +97,7 @@ class TimmEvaAdapter(TimmPatchAdapter):
         patch_drop = getattr(model, "patch_drop", None)
         kept = None
         if isinstance(patch_drop, nn.Module):
-            kept = KeptPatches()
+            kept = KeptPatches.from_patch_drop()
             patch_drop.register_forward_hook(kept)
         for site in sites:
             site.module._attnmask_kept = kept

@@ -19,57 +19,11 @@ from timm.layers import Attention
 from torch import nn
 
 from ..kernels import get_kernel
-from ..masks import LocalMask, combine_masks
+from ..masks import combine_masks
 from ..spec import LayerPlan
 from . import Site
+from .layouts import PatchLayout
 from .swap import ClassSwapAdapter
-
-
-class TokenLayout:
-    """Where a ViT's tokens sit: prefix tokens first, then the patch grid of this forward.
-
-    One instance per patched model, shared by its masked layers. The grid comes from the
-    patch embedding: its configured ``grid_size``, or, for ``dynamic_img_size`` models, the
-    ``(B, H, W, C)`` output of the latest forward, recorded by this object as a forward hook
-    on ``patch_embed``. It is never guessed from the token count (which cannot tell 8 x 16
-    from 16 x 8), only checked against it.
-    """
-
-    def __init__(self, patch_embed: nn.Module, prefix_tokens: int) -> None:
-        self.patch_embed = patch_embed
-        self.prefix_tokens = prefix_tokens
-        self.last_grid: Optional[tuple[int, int]] = None
-
-    def __call__(self, module: nn.Module, args, output) -> None:
-        """Forward hook on ``patch_embed``: records the grid of a ``(B, H, W, C)`` output."""
-        if isinstance(output, torch.Tensor) and output.dim() == 4:
-            self.last_grid = (output.shape[1], output.shape[2])
-
-    @property
-    def static_grid(self) -> tuple[int, int]:
-        """The grid of the model's configured image size."""
-        grid = self.patch_embed.grid_size
-        return int(grid[0]), int(grid[1])
-
-    def grid(self, num_tokens: int) -> tuple[int, int]:
-        """The patch grid for an input of ``num_tokens`` tokens.
-
-        Raises:
-            ValueError: If the token count fits neither the latest nor the configured grid.
-        """
-        patches = num_tokens - self.prefix_tokens
-        last = self.last_grid
-        if last is not None and last[0] * last[1] == patches:
-            return last
-        static = self.static_grid
-        if static[0] * static[1] == patches:
-            return static
-        tried = f"{static[0]}x{static[1]}" + (f" or {last[0]}x{last[1]}" if last is not None else "")
-        raise ValueError(
-            f"attnmask: a sequence of {num_tokens} tokens does not fit the patch grid "
-            f"({self.prefix_tokens} prefix tokens + a {tried} grid); feed images through the "
-            "model's patch embedding so the grid of each input is known"
-        )
 
 
 def timm_qkv(module, x: torch.Tensor) -> torch.Tensor:
@@ -87,11 +41,6 @@ def timm_qkv(module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight=module.qkv.weight, bias=qkv_bias)
 
 
-def layout_mask(tokens: TokenLayout, plan: LayerPlan, num_tokens: int) -> LocalMask:
-    """The layer's :class:`LocalMask` for a sequence of ``num_tokens`` tokens laid out as ``tokens``."""
-    return plan.local_mask(tokens.grid(num_tokens), tokens.prefix_tokens)
-
-
 class MaskedAttention(Attention):
     """``timm.layers.Attention`` whose chosen heads are local (see :mod:`attnmask.masks`).
 
@@ -99,7 +48,7 @@ class MaskedAttention(Attention):
     """
 
     _attnmask_plan: LayerPlan
-    _attnmask_tokens: TokenLayout
+    _attnmask_tokens: PatchLayout
 
     def forward(
         self,
@@ -119,7 +68,7 @@ class MaskedAttention(Attention):
             causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
             attn_mask = combine_masks(attn_mask, causal, q.dtype)
 
-        mask = layout_mask(tokens, plan, N)
+        mask = tokens.mask(plan, B, N)
         x = get_kernel(plan.backend)(
             q, k, v, mask, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0
         )
@@ -138,7 +87,7 @@ class MaskedAttention(Attention):
 class TimmPatchAdapter(ClassSwapAdapter):
     """Base of the timm adapters whose layers see prefix tokens, then the patch grid.
 
-    The grid comes from ``model.patch_embed`` through one :class:`TokenLayout` per model
+    The grid comes from ``model.patch_embed`` through one :class:`~attnmask.adapters.layouts.PatchLayout` per model
     (a forward hook for ``dynamic_img_size`` models), shared by the patched layers.
     """
 
@@ -148,6 +97,17 @@ class TimmPatchAdapter(ClassSwapAdapter):
     def prefix_tokens(self, model: nn.Module) -> int:
         """Tokens before the patches in the patched layers' sequences."""
         return int(model.num_prefix_tokens)
+
+    def matches(self, model: nn.Module) -> bool:
+        """Has the attention layers and a ViT's patch grid (otherwise the structural adapter,
+        :mod:`attnmask.adapters.generic`, learns the grid at run time)."""
+        if not super().matches(model):
+            return False
+        try:
+            self.check(model)
+        except TypeError:
+            return False
+        return True
 
     def check(self, model: nn.Module) -> None:
         try:
@@ -160,7 +120,7 @@ class TimmPatchAdapter(ClassSwapAdapter):
             ) from None
 
     def attach(self, model: nn.Module, sites: Sequence[Site]) -> None:
-        tokens = TokenLayout(model.patch_embed, self.prefix_tokens(model))
+        tokens = PatchLayout(self.prefix_tokens(model), model.patch_embed, channels_last=True)
         if getattr(model, "dynamic_img_size", False):
             model.patch_embed.register_forward_hook(tokens)
         for site in sites:

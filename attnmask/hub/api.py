@@ -56,7 +56,7 @@ def check_source(src: Source, **overrides: Any) -> tuple[ModuleType, nn.Module]:
     if src.saved is not None or any(value is not None for value in overrides.values()):
         apply_saved(empty, src.saved, src.config_path, **overrides)
     else:
-        find_adapter(empty)
+        find_adapter(empty).sites(empty)  # an architecture without patchable attention fails here
     return host, empty
 
 
