@@ -45,11 +45,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..kernels import get_kernel, record
-from ..masks import combine_masks, masked_logit
+from ..masks import cached, combine_masks, masked_logit
 from ..spec import LayerPlan
 from ..report import FoundLayer
 from . import Adapter, Site
-from .layouts import Grid, PooledMask, TokenGeometry, grid_candidates, pair, pooled_allowed, resolve_geometry, scaled_grids
+from .layouts import Grid, PooledMask, TokenGeometry, grid_candidates, pair, resolve_geometry, scaled_grids
 from .swap import drop_attnmask_attributes, remove_attnmask_hooks
 
 SDPA = F.scaled_dot_product_attention
@@ -59,9 +59,19 @@ SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax, torch.spe
 # -- finding attention by structure ------------------------------------------------------
 
 def forward_names(module: nn.Module) -> tuple[str, ...]:
-    """Names the module's own ``forward`` refers to (globals and attributes)."""
-    code = getattr(type(module).forward, "__code__", None)
-    return tuple(code.co_names) if code is not None else ()
+    """Names the module's own ``forward`` refers to (globals and attributes), and those of the
+    methods of its class that ``forward`` calls (ConViT's ``get_attention``)."""
+    cls = host_class(module)
+    code = getattr(cls.forward, "__code__", None)
+    if code is None:
+        return ()
+    names = list(code.co_names)
+    for name in code.co_names:
+        method = cls.__dict__.get(name) if name != "forward" else None
+        inner = getattr(method, "__code__", None)
+        if inner is not None:
+            names += inner.co_names
+    return tuple(names)
 
 
 def head_count(module: nn.Module) -> Optional[int]:
@@ -144,6 +154,22 @@ def host_class(module: nn.Module) -> type:
 def group_name(name: str) -> str:
     """``blocks.3.attn`` -> ``blocks.*.attn`` (for messages that name layer kinds)."""
     return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
+
+
+def unreadable_layers(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Modules with a head count and key projections that compute no softmax or SDPA of
+    their own (linear or additive attention, ...), outside and inside no candidate."""
+    names = [n for n, _ in candidates]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if n
+        and head_count(m)
+        and has_key_projection(m)
+        and not computes_attention(m)
+        and not any(n == o or n.startswith(o + ".") or o.startswith(n + ".") for o in names)
+        and not type(m).__module__.startswith("attnmask.")
+    ]
 
 
 def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -372,6 +398,12 @@ def _first_tensor(args, kwargs, dims=(4,)) -> Optional[torch.Tensor]:
     return None
 
 
+UNREADABLE = (
+    "computes attention in a form attnmask cannot read: no scaled_dot_product_attention call and no softmax over "
+    "(heads, queries, keys) logits in its forward on the example input (e.g. factorised, halo, linear or additive attention)"
+)
+
+
 @dataclass
 class CallInput:
     """What the patched layer's forward was given: its 4-D input's shape, size arguments."""
@@ -499,7 +531,7 @@ class SiteState:
             )
         extra = windows_in(layout, shape)
         q = self.runtime.geometry(self, call, nq, batch, extra)
-        if q is None and nq < nk and self.runtime.geometry(self, call, nk, batch, extra) is not None:
+        if q is None and nq < nk and nk == call.tokens and self.runtime.geometry(self, call, nk, batch, extra) is not None:
             raise ValueError(
                 f"is class attention: its {nq} queries are class tokens, not patches, so no query has a window"
             )
@@ -559,13 +591,21 @@ class SiteState:
         plan = self.plan
         return PooledMask(qg.grid, kg.grid, plan.window, qg.prefix, kg.prefix, self.num_heads, plan.heads, plan.prefix, plan.layer)
 
-    def _pooled_bias(self, qg: TokenGeometry, kg: TokenGeometry, host, q4) -> torch.Tensor:
+    def _pooled_heads(self, qg: TokenGeometry, kg: TokenGeometry, device) -> torch.Tensor:
+        """``(num_heads, Nq, Nk)`` boolean, True where a head may attend (global heads: all),
+        cached per geometry like every other mask form."""
         plan = self.plan
-        allowed = pooled_allowed(qg.grid, kg.grid, plan.window, qg.prefix, kg.prefix, plan.prefix, q4.device)
-        heads = torch.zeros(self.num_heads, dtype=torch.bool, device=q4.device)
-        heads[list(plan.heads)] = True
-        per_head = allowed[None] | ~heads[:, None, None]
-        return combine_masks(host, per_head[None], q4.dtype)
+
+        def build() -> torch.Tensor:
+            return self.pooled_mask(qg, kg).dense(device)
+
+        if torch.compiler.is_compiling():
+            return build()
+        key = ("pooled", qg.grid, kg.grid, qg.prefix, kg.prefix, plan.window, plan.prefix, self.num_heads, plan.heads, torch.device(device))
+        return cached(key, build)
+
+    def _pooled_bias(self, qg: TokenGeometry, kg: TokenGeometry, host, q4) -> torch.Tensor:
+        return combine_masks(host, self._pooled_heads(qg, kg, q4.device)[None], q4.dtype)
 
     def _unresolved(self, route: str, reason: str, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         if self.plan is None:  # probing: remember why, compute as the host would
@@ -600,11 +640,9 @@ class SiteState:
         mask = None
         if kg is None:
             mask = qg.local_mask(plan, logits.shape[0], x.device)
-            forbidden = ~mask.dense(x.device)
+            forbidden = mask.forbidden(x.device) if mask.positions is None else ~mask.dense(x.device)  # cached per geometry
         else:
-            allowed = pooled_allowed(qg.grid, kg.grid, plan.window, qg.prefix, kg.prefix, plan.prefix, x.device)
-            forbidden = torch.zeros(self.num_heads, nq, nk, dtype=torch.bool, device=x.device)
-            forbidden[list(plan.heads)] = ~allowed
+            forbidden = ~self._pooled_heads(qg, kg, x.device)
         masked = from_bhnd(logits.masked_fill(forbidden, masked_logit("hard")), layout, x.shape)
         probs = func(masked, *args[1:], **kwargs)
         recorder = record.current_recorder()
@@ -729,7 +767,12 @@ class GenericAdapter(Adapter):
         """Every attention-like module, classified (runs one observing forward)."""
         findings: list[FoundLayer] = []
         probe: list[tuple[str, nn.Module]] = []
-        for name, module in candidate_layers(model):
+        candidates = candidate_layers(model)
+        unreadable = unreadable_layers(model, candidates)
+        inner = [(n, m) for n, m in unreadable if not any(o.startswith(n + ".") for o, _ in unreadable)]
+        for name, module in inner:
+            findings.append(FoundLayer(name, host_class(module).__name__, int(head_count(module)), "refused", UNREADABLE))
+        for name, module in candidates:
             heads = int(head_count(module))
             for kind, predicate, reason in REFUSALS:
                 if predicate(name, module):
@@ -788,11 +831,7 @@ class GenericAdapter(Adapter):
             seen = states[f.name].seen
             problems = [p for _, _, p in seen if p]
             if not seen:
-                f.status, f.reason = "refused", (
-                    "computes attention in a form attnmask cannot read: in a forward on the example input it made no "
-                    "scaled_dot_product_attention call and no softmax over (heads, queries, keys) logits "
-                    "(e.g. factorised, halo or linear attention)"
-                )
+                f.status, f.reason = "refused", UNREADABLE
             elif problems:
                 f.status, f.reason = "refused", problems[0]
             else:
