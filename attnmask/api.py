@@ -137,15 +137,28 @@ def _install(model: nn.Module, adapter, sites, spec: MaskSpec, backend: str) -> 
     model.__dict__[SPEC_ATTR] = spec
 
 
-def _checkpoint(model: nn.Module) -> list[tuple[nn.Module, type, dict, dict, dict]]:
-    """What patching may change on each module: its class, attnmask attributes, hooks."""
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _patched_attribute(key: str) -> bool:
+    return key.startswith("_attnmask") or key == "fused_attn"
+
+
+def _checkpoint(model: nn.Module) -> list[tuple[nn.Module, type, dict, dict]]:
+    """What patching may change on each module: its class, attnmask attributes (and timm's
+    ``fused_attn`` switch), hooks."""
     return [
         (
             module,
             type(module),
-            {k: v for k, v in module.__dict__.items() if k.startswith("_attnmask")},
-            dict(module._forward_hooks),
-            dict(module._forward_pre_hooks),
+            {k: v for k, v in module.__dict__.items() if _patched_attribute(k)},
+            {name: dict(getattr(module, name)) for name in _HOOK_DICTS if hasattr(module, name)},
         )
         for module in model.modules()
     ]
@@ -153,12 +166,13 @@ def _checkpoint(model: nn.Module) -> list[tuple[nn.Module, type, dict, dict, dic
 
 def _restore(model: nn.Module, checkpoint) -> None:
     """Put every module back as :func:`_checkpoint` saw it (a failed ``apply`` changes nothing)."""
-    for module, cls, attrs, hooks, pre_hooks in checkpoint:
+    for module, cls, attrs, hooks in checkpoint:
         module.__class__ = cls
-        for key in [k for k in module.__dict__ if k.startswith("_attnmask")]:
+        for key in [k for k in module.__dict__ if _patched_attribute(k)]:
             del module.__dict__[key]
         module.__dict__.update(attrs)
-        for saved, live in ((hooks, module._forward_hooks), (pre_hooks, module._forward_pre_hooks)):
+        for name, saved in hooks.items():
+            live = getattr(module, name)
             live.clear()
             live.update(saved)
 

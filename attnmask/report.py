@@ -131,6 +131,7 @@ class FoundLayer:
     reason: str = ""
     route: str = ""
     geometry: str = ""
+    routes: frozenset = frozenset()  # (route, head layout) pairs the observing forward resolved
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class InspectReport:
         return {
             "model": self.model,
             "adapter": self.adapter,
-            "layers": [vars(layer) for layer in self.layers],
+            "layers": [{k: v for k, v in vars(layer).items() if k != "routes"} for layer in self.layers],
             "notes": list(self.notes),
         }
 

@@ -300,3 +300,87 @@ def test_whole_sweep_meets_the_coverage_targets(tmp_path):
     assert len(hf_patched) >= 18, sorted(hf_patched)
     assert not [r for r in rows if r["status"] == "failed"]
     assert not [r for r in rows if "supported family" in r.get("reason", "")]
+
+
+class _GatedAttention(nn.Module):
+    """SDPA attention, then a softmax over channels (a gate, not attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads = 4
+        self.qkv = nn.Linear(32, 96)
+        self.gate = nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        self.last_gate = self.gate(x).softmax(-1)
+        return out * self.last_gate
+
+
+class _GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 4, 4)
+        self.attn = _GatedAttention()
+
+    def forward(self, x):
+        return self.attn(self.embed(x).flatten(2).transpose(1, 2))
+
+
+def test_a_softmax_that_is_not_attention_is_left_alone_at_any_batch():
+    """A (B, N, C) channel softmax looks like heads folded into the batch when B divides by the
+    head count; only the softmax kinds the observing forward saw compute attention are masked."""
+    torch.manual_seed(0)
+    model = _GatedNet().eval()
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        model(images)
+    gate = model.attn.last_gate.clone()
+    attnmask.apply(model, heads="all", window=3)
+    with torch.no_grad():
+        model(images)
+    assert torch.equal(model.attn.last_gate, gate)
+    assert check_model(_GatedNet().eval(), images)["status"] == "patched"
+
+
+def test_inspect_and_reapply_on_a_patched_model_run_no_forward():
+    model, images = timm_model("pit_ti_224")
+    attnmask.apply(model, heads=[0], window=3)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    report = attnmask.inspect(model)
+    attnmask.apply(model, heads=[1], window=5)
+    attnmask.describe(model)
+    assert not calls and len(report.patchable) == 12
+    assert attnmask.get_spec(model).window == (5, 5)
+
+
+def test_remove_and_failed_apply_leave_hooks_and_switches_exactly_as_before():
+    model, images = timm_model("pit_ti_224")
+    fused = [m.__dict__.get("fused_attn") for m in model.modules()]
+    hooks = [dict(m._forward_pre_hooks_with_kwargs) for m in model.modules()]
+    attnmask.apply(model, heads=[0], window=3)
+    attnmask.remove(model)
+    assert [dict(m._forward_pre_hooks_with_kwargs) for m in model.modules()] == hooks
+    assert [m.__dict__.get("fused_attn") for m in model.modules()] == fused
+    with pytest.raises(ValueError):
+        attnmask.apply(model, heads=[7], window=3)  # stage 0 has 2 heads
+    assert [dict(m._forward_pre_hooks_with_kwargs) for m in model.modules()] == hooks
+    assert [m.__dict__.get("fused_attn") for m in model.modules()] == fused
+
+
+def test_pooled_keys_are_masked_whatever_attention_the_model_ran_before():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SegformerConfig(hidden_sizes=[16, 32, 32, 32], num_attention_heads=[2, 2, 2, 2], depths=[1, 1, 1, 1])
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = transformers.SegformerModel(config).eval()
+        model.set_attn_implementation(implementation)
+        attnmask.apply(model, heads=[0], window=3)
+        with torch.no_grad():
+            outputs.append(model(images).last_hidden_state)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)

@@ -35,6 +35,7 @@ import inspect
 import re
 import sys
 import threading
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -235,6 +236,11 @@ class Runtime:
             handle.remove()
         self._hooks.clear()
 
+    def empty(self) -> bool:
+        """Whether this thread has seen nothing of the current forward (no hook ran in it)."""
+        state = getattr(self.local, "state", None)
+        return state is None or (state["image"] is None and not state["inputs"] and not state["patches"])
+
     def state(self) -> dict:
         state = getattr(self.local, "state", None)
         if state is None:
@@ -333,6 +339,8 @@ class Runtime:
         found = resolve_geometry(tokens, derived, windows=query.windows, prefix_hint=query.prefix, suffix=query.suffix)
         if found is None:
             found = self.geometry(site, call, tokens, batch, least_windows)
+        if found is not None and (found.prefix, found.suffix) != (query.prefix, query.suffix):
+            return None  # pooled keys keep the queries' extra tokens
         return found
 
 
@@ -424,7 +432,10 @@ class CallInput:
             call.tokens = int(first.shape[1])
         sequences = [v for v in values if isinstance(v, torch.Tensor) and v.dim() == 3 and v.is_floating_point()]
         if first is not None and first.dim() == 3:
-            call.cross = any(v is not first and v.shape[-1] == first.shape[-1] and v.shape[0] == first.shape[0] for v in sequences)
+            call.cross = any(
+                v is not first and v.shape[-1] == first.shape[-1] and v.shape[0] == first.shape[0] and v.shape[1] != first.shape[1]
+                for v in sequences
+            )  # a second sequence of the same length is a position embedding, not other tokens
         ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
         for v in values:
             if isinstance(v, (tuple, list, torch.Size)) and len(v) == 2 and all(isinstance(i, int) for i in v):
@@ -507,6 +518,9 @@ class SiteState:
             self.window = None
         self.seen: list[tuple[str, str, Optional[str]]] = []  # (route, geometry, problem): the first calls
         self.last: Optional[TokenGeometry] = None  # the latest call's geometry
+        self.routes: set[tuple[str, str]] = set()  # (route, head layout) of the attention calls resolved
+        self.expected: Optional[frozenset] = None  # set at install: the routes the observing forward saw
+        self.resolved: dict[tuple, tuple] = {}  # (layout, nq, nk, batch) -> geometries, for threads without state
 
     def _describe(self, q: TokenGeometry, k: Optional[TokenGeometry]) -> str:
         text = f"{q.grid[0]}x{q.grid[1]} grid from {q.source}"
@@ -529,6 +543,9 @@ class SiteState:
                 f"attends over {nq} queries and {nk} keys while its input holds {call.tokens} tokens: "
                 "not token-to-token attention over its input"
             )
+        key = (layout, nq, nk, batch)
+        if self.runtime.empty() and key in self.resolved:
+            return self.resolved[key]  # e.g. a checkpoint recomputed on another thread, whose state is empty
         extra = windows_in(layout, shape)
         q = self.runtime.geometry(self, call, nq, batch, extra)
         if q is None and nq < nk and nk == call.tokens and self.runtime.geometry(self, call, nk, batch, extra) is not None:
@@ -537,11 +554,13 @@ class SiteState:
             )
         if q is None:
             raise ValueError(f"attends over a sequence of {nq} tokens that fits no patch grid this forward produced")
-        if nk == nq:
-            return q, None
-        k = self.runtime.key_geometry(self, call, nk, batch, extra, q)
-        if k is None:
-            raise ValueError(f"{nk} keys fit no grid related to the {q.grid[0]}x{q.grid[1]} query grid")
+        k = None
+        if nk != nq:
+            k = self.runtime.key_geometry(self, call, nk, batch, extra, q)
+            if k is None:
+                raise ValueError(f"{nk} keys fit no grid related to the {q.grid[0]}x{q.grid[1]} query grid")
+        if len(self.resolved) < 64:
+            self.resolved[key] = (q, k)
         return q, k
 
     def note(self, route: str, q: TokenGeometry, k: Optional[TokenGeometry]) -> None:
@@ -566,6 +585,7 @@ class SiteState:
         except ValueError as error:
             return self._unresolved("sdpa", str(error), lambda: SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale))
         self.note("sdpa", qg, kg)
+        self.routes.add(("sdpa", layout))
         host = None
         if attn_mask is not None:
             host = to_bhnd(attn_mask.expand(*q.shape[:-1], nk), layout, self.num_heads)
@@ -620,8 +640,8 @@ class SiteState:
         if not isinstance(x, torch.Tensor) or dim is None or dim not in (-1, x.dim() - 1) or x.dim() < 3:
             return NOT_ATTENTION
         layout = head_layout(x, self.num_heads)
-        if layout is None:
-            return NOT_ATTENTION
+        if layout is None or self.expected is not None and ("softmax", layout) not in self.expected:
+            return NOT_ATTENTION  # not a softmax of the kind the observing forward saw compute attention
         logits = to_bhnd(x, layout, self.num_heads)
         nq, nk = logits.shape[-2], logits.shape[-1]
         try:
@@ -629,6 +649,7 @@ class SiteState:
         except ValueError as error:
             return self._unresolved("softmax", str(error), lambda: func(*args, **kwargs))
         self.note("softmax", qg, kg)
+        self.routes.add(("softmax", layout))
         plan = self.plan
         if plan is None or not plan.heads:
             return func(*args, **kwargs)
@@ -751,20 +772,31 @@ def example_input(model: nn.Module, example: Optional[torch.Tensor] = None) -> t
     return torch.randn(1, *size, generator=generator).to(device=device, dtype=dtype)
 
 
+_OBSERVED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+"""Routes each layer's attention took in the observing forward of :meth:`GenericAdapter.sites`,
+until :meth:`GenericAdapter.install` reads them."""
+
+
 class GenericAdapter(Adapter):
     """Adapter for attention found by structure (registered as ``"generic"``)."""
 
     name = "generic"
     observes = True
 
-    def __init__(self) -> None:
-        self.example: Optional[torch.Tensor] = None
-
     def matches(self, model: nn.Module) -> bool:
         return True
 
     def findings(self, model: nn.Module, example: Optional[torch.Tensor] = None) -> list[FoundLayer]:
-        """Every attention-like module, classified (runs one observing forward)."""
+        """Every attention-like module, classified (runs one observing forward, except on a
+        model this adapter has patched: its layers are known)."""
+        installed = self._installed(model)
+        if installed is not None:
+            found = []
+            for site in installed:
+                state = site.module.__dict__.get("_attnmask_site")
+                seen = state.seen[0] if state is not None and state.seen else ("", "", None)
+                found.append(FoundLayer(site.name, host_class(site.module).__name__, site.num_heads, "patchable", route=seen[0], geometry=seen[1]))
+            return found
         findings: list[FoundLayer] = []
         probe: list[tuple[str, nn.Module]] = []
         candidates = candidate_layers(model)
@@ -837,26 +869,46 @@ class GenericAdapter(Adapter):
             else:
                 f.route = seen[0][0]
                 f.geometry = seen[0][1]
+                f.routes = frozenset(states[f.name].routes)
 
     def sites(self, model: nn.Module, example: Optional[torch.Tensor] = None) -> list[Site]:
-        findings = self.findings(model, example if example is not None else self.example)
+        installed = self._installed(model)
+        if installed is not None:  # patched by this adapter: its layers are known, no forward needed
+            return installed
+        findings = self.findings(model, example)
         good = [f for f in findings if f.status == "patchable"]
         if not good:
             raise TypeError(refusal_message(model, findings))
-        return [Site(name=f.name, layer=i, num_heads=f.num_heads, module=model.get_submodule(f.name)) for i, f in enumerate(good)]
+        sites = [Site(name=f.name, layer=i, num_heads=f.num_heads, module=model.get_submodule(f.name)) for i, f in enumerate(good)]
+        _OBSERVED[model] = {f.name: f.routes for f in good}  # for install; nothing is kept on the model
+        return sites
+
+    @staticmethod
+    def _installed(model: nn.Module) -> Optional[list[Site]]:
+        spec = model.__dict__.get("_attnmask_spec")
+        if spec is None or spec.family != "generic":
+            return None
+        return [
+            Site(name=name, layer=i, num_heads=n, module=model.get_submodule(name))
+            for i, (name, n) in enumerate(zip(spec.layers, spec.num_heads))
+        ]
 
     def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:
         if not sites:
             return
         runtime = Runtime(model, [s.name for s in sites], _prefix_hint(model))
         model.__dict__["_attnmask_runtime"] = runtime
+        observed = _OBSERVED.pop(model, {})
         for site, plan in zip(sites, plans):
             module = site.module
+            previous = module.__dict__.get("_attnmask_site")
             if "fused_attn" in module.__dict__ or hasattr(type(module), "fused_attn"):
                 module.__dict__["_attnmask_fused_attn"] = module.__dict__.get("fused_attn", _MISSING)
                 module.fused_attn = True
             module.__class__ = masked_class(host_class(module))
-            module.__dict__["_attnmask_site"] = SiteState(site.name, module, runtime, plan)
+            state = SiteState(site.name, module, runtime, plan)
+            state.expected = observed.get(site.name) or (previous.expected if previous is not None else None)
+            module.__dict__["_attnmask_site"] = state
             module.__dict__["_attnmask_plan"] = plan
 
     def uninstall(self, model: nn.Module, names: Sequence[str]) -> None:

@@ -103,10 +103,12 @@ def attnmask_attention(
         if plan.mode != "hard":
             raise ValueError(f"attnmask: a layer with pooled keys accepts mode='hard' only, not {plan.mode!r}")
         bias = layout.pooled_bias(plan, query, key, attention_mask)
-        recorded = layout.recorded(query, key, value, bias, scaling)
-        if recorded is not None:
-            return recorded.transpose(1, 2).contiguous(), None
-        return _fallback(module)(module, query, key, value, bias, scaling=scaling, dropout=dropout, **kwargs)
+        out = layout.recorded(query, key, value, bias, scaling)
+        if out is None:
+            # SDPA itself, whatever the model ran before: eager code would add a boolean mask as
+            # 0/1 and flash attention would ignore it.
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
     mask = layout.mask(plan, query.shape[0], query.shape[2])
     out = get_kernel(plan.backend)(query, key, value, mask, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -346,10 +348,13 @@ class HFAdapter(Adapter):
 
 
 def _describes_images(config) -> bool:
-    """A config of a model that sees images (an image size or a number of image channels)."""
-    return config is not None and (
-        getattr(config, "image_size", None) is not None or getattr(config, "num_channels", None) is not None
-    )
+    """A config of a model that cuts images into patches: an image size or a number of image
+    channels, and a patch size (or per-stage patch sizes)."""
+    if config is None:
+        return False
+    sees_images = getattr(config, "image_size", None) is not None or getattr(config, "num_channels", None) is not None
+    has_patches = getattr(config, "patch_size", None) is not None or getattr(config, "patch_sizes", None) is not None
+    return sees_images and has_patches
 
 
 def _restore_configs(saved) -> None:

@@ -31,6 +31,8 @@ def remove_attnmask_hooks(model: nn.Module) -> None:
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key in [k for k, hook in hooks.items() if is_attnmask_hook(hook)]:
                 del hooks[key]
+                for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                    getattr(module, extra, {}).pop(key, None)
 
 
 def drop_attnmask_attributes(module: nn.Module) -> None:
