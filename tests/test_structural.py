@@ -384,3 +384,15 @@ def test_pooled_keys_are_masked_whatever_attention_the_model_ran_before():
         with torch.no_grad():
             outputs.append(model(images).last_hidden_state)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_reapplying_keeps_the_softmax_layouts_the_first_observing_forward_saw():
+    model, images = timm_model("swinv2_cr_tiny_224", depths=(1, 1, 1, 1))
+    attnmask.apply(model, heads=[0], window=3)
+    first = model.stages[0].blocks[0].attn._attnmask_site.expected
+    assert first and all(route == "softmax" for route, _ in first)
+    attnmask.apply(model, heads=[0], window=5)  # remove, then install again: no new observing forward
+    assert model.stages[0].blocks[0].attn._attnmask_site.expected == first
+    with torch.no_grad():
+        model(images)
+    assert model.stages[0].blocks[0].attn._attnmask_site.last.grid == (7, 7)  # the softmax was masked again

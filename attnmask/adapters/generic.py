@@ -773,8 +773,8 @@ def example_input(model: nn.Module, example: Optional[torch.Tensor] = None) -> t
 
 
 _OBSERVED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-"""Routes each layer's attention took in the observing forward of :meth:`GenericAdapter.sites`,
-until :meth:`GenericAdapter.install` reads them."""
+"""Routes each layer's attention took in the observing forward of :meth:`GenericAdapter.sites`
+(per model, for as long as the model lives; nothing is stored on the model)."""
 
 
 class GenericAdapter(Adapter):
@@ -888,17 +888,24 @@ class GenericAdapter(Adapter):
         spec = model.__dict__.get("_attnmask_spec")
         if spec is None or spec.family != "generic":
             return None
-        return [
+        sites = [
             Site(name=name, layer=i, num_heads=n, module=model.get_submodule(name))
             for i, (name, n) in enumerate(zip(spec.layers, spec.num_heads))
         ]
+        observed = dict(_OBSERVED.get(model, {}))  # keep what the first observing forward saw
+        for site in sites:
+            state = site.module.__dict__.get("_attnmask_site")
+            if state is not None and state.expected is not None:
+                observed.setdefault(site.name, state.expected)
+        _OBSERVED[model] = observed
+        return sites
 
     def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:
         if not sites:
             return
         runtime = Runtime(model, [s.name for s in sites], _prefix_hint(model))
         model.__dict__["_attnmask_runtime"] = runtime
-        observed = _OBSERVED.pop(model, {})
+        observed = _OBSERVED.get(model, {})
         for site, plan in zip(sites, plans):
             module = site.module
             previous = module.__dict__.get("_attnmask_site")
@@ -908,6 +915,8 @@ class GenericAdapter(Adapter):
             module.__class__ = masked_class(host_class(module))
             state = SiteState(site.name, module, runtime, plan)
             state.expected = observed.get(site.name) or (previous.expected if previous is not None else None)
+            if state.expected is None:  # never observed (e.g. a copy re-patched): no softmax is taken for attention
+                state.expected = frozenset(("sdpa", layout) for layout in _HEAD_LAYOUTS)
             module.__dict__["_attnmask_site"] = state
             module.__dict__["_attnmask_plan"] = plan
 
