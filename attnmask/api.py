@@ -194,8 +194,9 @@ def describe(model: nn.Module) -> MaskReport:
     """Which layers and heads of ``model`` are masked, with window, grid and backend.
 
     ``print(describe(model))`` shows a table; ``describe(model).to_dict()`` gives the same
-    as plain data. Works on unpatched models of supported families too (nothing masked), and
-    on ``torch.compile`` wrappers (it describes the model inside).
+    as plain data. Works on unpatched models too (nothing masked), and on ``torch.compile``
+    wrappers (it describes the model inside). An unpatched model that no family adapter
+    claims is found by structure, which runs one observing forward (see :func:`inspect`).
     """
     model = unwrap(model)
     spec = get_spec(model)
