@@ -3,10 +3,10 @@
 This adapter handles models that no family adapter claims (any timm, torchvision or other
 PyTorch model). It needs no host library.
 
-**Finding the layers.** An attention layer is a module with an integer ``num_heads`` whose
-own ``forward`` calls ``scaled_dot_product_attention`` or a ``softmax``: the two ways host
-code computes attention weights. Layers of a few structural kinds are refused with the
-reason (:data:`REFUSALS`): channel (cross-covariance) attention, attention whose weights are
+**Finding the layers** (:mod:`.structure`). An attention layer is a module with an integer
+``num_heads`` whose own ``forward`` calls ``scaled_dot_product_attention`` or a ``softmax``:
+the two ways host code computes attention weights. Layers of a few structural kinds are
+refused with the reason (:data:`~.structure.REFUSALS`): channel (cross-covariance) attention, attention whose weights are
 not query-key products, attention-pooling heads, unrolled token orders. Then one forward
 pass on an example input (the model's configured input size, or ``example=``) observes what
 every candidate actually computes, and a layer is patched only if each of its attention
@@ -18,7 +18,7 @@ layer's ``scaled_dot_product_attention`` call (run by the layer's attnmask kerne
 or its explicit ``softmax`` over the keys (the locality mask is added to the logits first).
 Modules with a ``fused_attn`` switch (timm) are set to the SDPA path while patched.
 
-**Geometry, per call** (:meth:`Runtime.geometry`): the token count of the call is matched
+**Geometry, per call** (:meth:`.runtime.Runtime.geometry`): the token count of the call is matched
 against the grids the forward produced, nearest first: the layer's own 4-D input, a size
 argument passed to it, its ``window_size``, the 4-D inputs of the modules enclosing it, the
 patch embedding's grid, then grids derived from the image size. Host windows show up as a
@@ -31,13 +31,9 @@ from __future__ import annotations
 
 import binascii
 import importlib
-import inspect
-import re
 import sys
 import threading
 import weakref
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -46,403 +42,20 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..kernels import get_kernel, record
+from ..kernels.common import explicit_probs
 from ..masks import cached, combine_masks, masked_logit
-from ..spec import LayerPlan
 from ..report import FoundLayer
+from ..spec import LayerPlan
 from . import Adapter, Site
-from .layouts import Grid, PooledMask, TokenGeometry, grid_candidates, pair, resolve_geometry, scaled_grids
+from .layouts import Grid, PooledMask, TokenGeometry, pair
+from .runtime import CallInput, Runtime, naflex_geometry, takes_spatial_shapes
+from .structure import REFUSALS, UNREADABLE, candidate_layers, head_count, host_class, refusal_message, unreadable_layers
 from .swap import drop_attnmask_attributes, remove_attnmask_hooks
+
+__all__ = ["ADAPTER", "GenericAdapter", "SiteLayout", "SiteState", "masked_class", "runtime_layouts", "takes_spatial_shapes"]
 
 SDPA = F.scaled_dot_product_attention
 SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax, torch.special.softmax})
-
-
-# -- finding attention by structure ------------------------------------------------------
-
-def forward_names(module: nn.Module) -> tuple[str, ...]:
-    """Names the module's own ``forward`` refers to (globals and attributes), and those of the
-    methods of its class that ``forward`` calls (ConViT's ``get_attention``)."""
-    cls = host_class(module)
-    code = getattr(cls.forward, "__code__", None)
-    if code is None:
-        return ()
-    names = list(code.co_names)
-    for name in code.co_names:
-        method = cls.__dict__.get(name) if name != "forward" else None
-        inner = getattr(method, "__code__", None)
-        if inner is not None:
-            names += inner.co_names
-    return tuple(names)
-
-
-def head_count(module: nn.Module) -> Optional[int]:
-    """The module's number of heads: its ``num_heads`` (or a synonym), or 1 for single-head
-    attention (key and query projections, no head count)."""
-    for attr in ("num_heads", "num_attention_heads", "n_heads", "heads"):
-        value = module.__dict__.get(attr, getattr(type(module), attr, None))
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    if has_key_projection(module) and has_query_projection(module):
-        return 1
-    return None
-
-
-def has_query_projection(module: nn.Module) -> bool:
-    return any(
-        n in ("qkv", "q", "qk", "to_q", "to_qkv", "in_proj_weight") or n.startswith(("q_", "qkv_")) or "quer" in n
-        for n in _projection_names(module)
-    )
-
-
-def computes_attention(module: nn.Module) -> bool:
-    names = forward_names(module)
-    return "scaled_dot_product_attention" in names or "softmax" in names
-
-
-def _projection_names(module: nn.Module) -> set[str]:
-    return {n.lower() for n, _ in module.named_children()} | {n.lower() for n, _ in module.named_parameters(recurse=False)}
-
-
-def has_key_projection(module: nn.Module) -> bool:
-    """Whether keys are projected from the tokens: a layer or weight named for keys
-    (``qkv``, ``kv``, ``k``, ``k_proj``, ``key``, ``queries_keys_values``, ``in_proj_weight``...)."""
-    return any(
-        n in ("qkv", "qk", "kv", "k", "to_k", "to_qkv", "to_kv", "in_proj_weight", "in_proj")
-        or n.startswith(("k_", "qkv_", "kv_"))
-        or "key" in n
-        for n in _projection_names(module)
-    )
-
-
-def _refuse_channel(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "temperature", None), nn.Parameter)
-
-
-def _refuse_outlook(module: nn.Module) -> bool:
-    return not has_key_projection(module) and "scaled_dot_product_attention" not in forward_names(module)
-
-
-def _pooling_head(name: str, module: nn.Module) -> bool:
-    return any("pool" in part for part in name.split(".")) or hasattr(module, "latent")
-
-
-REFUSALS: tuple[tuple[str, Callable[[str, nn.Module], bool], str], ...] = (
-    (
-        "channel",
-        lambda name, m: _refuse_channel(m),
-        "is cross-covariance (channel) attention: it attends between channels, so there is no token-to-token map to mask",
-    ),
-    (
-        "no keys",
-        lambda name, m: _refuse_outlook(m),
-        "has no key projection: its attention weights are predicted from each token (e.g. outlook attention), "
-        "not query-key products over the patch grid",
-    ),
-    (
-        "pooling",
-        _pooling_head,
-        "is an attention-pooling head: its queries are learned or pooled tokens, not patches",
-    ),
-)
-"""Structural kinds of attention attnmask leaves alone: ``(kind, predicate(name, module), reason)``."""
-
-
-def host_class(module: nn.Module) -> type:
-    """The host's class of a module (the class a masked subclass was made from)."""
-    return getattr(type(module), "_attnmask_host", type(module))
-
-
-def group_name(name: str) -> str:
-    """``blocks.3.attn`` -> ``blocks.*.attn`` (for messages that name layer kinds)."""
-    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
-
-
-def unreadable_layers(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """Modules with a head count and key projections that compute no softmax or SDPA of
-    their own (linear or additive attention, ...), outside and inside no candidate."""
-    names = [n for n, _ in candidates]
-    return [
-        (n, m)
-        for n, m in model.named_modules()
-        if n
-        and head_count(m)
-        and has_key_projection(m)
-        and not computes_attention(m)
-        and not any(n == o or n.startswith(o + ".") or o.startswith(n + ".") for o in names)
-        and not type(m).__module__.startswith("attnmask.")
-    ]
-
-
-def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Innermost modules with a head count whose forward computes attention weights."""
-    found = [
-        (n, m)
-        for n, m in model.named_modules()
-        if n and head_count(m) and computes_attention(m) and not type(m).__module__.startswith("attnmask.")
-        or n and type(m).__name__.startswith("AttnmaskMasked")
-    ]
-    names = [n for n, _ in found]
-    return [(n, m) for n, m in found if not any(o.startswith(n + ".") for o in names)]
-
-
-# -- run-time state of a patched (or probed) model ---------------------------------------
-
-class Runtime:
-    """Shapes seen during the current forward of one model, per thread.
-
-    Forward pre-hooks record the image batch and size (the model's first 4-D input), the
-    4-D inputs of every module that encloses an attention layer, and the grid of each patch
-    embedding (a module with a ``grid_size``, or a convolution whose stride equals its kernel).
-    """
-
-    def __init__(self, model: nn.Module, sites: Sequence[str], prefix_hint: Optional[int], suffix: int = 0) -> None:
-        self.prefix_hint = prefix_hint
-        self.suffix = suffix
-        self.local = threading.local()
-        self.enclosing: dict[str, tuple[str, ...]] = {}
-        self._hooks: list = []
-        self._register(model, sites)
-
-    # hooks
-    def _register(self, model: nn.Module, sites: Sequence[str]) -> None:
-        self._hooks.append(model.register_forward_pre_hook(self.on_model, with_kwargs=True))
-        ancestors: set[str] = set()
-        for site in sites:
-            parts = site.split(".")
-            chain = tuple(".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
-            self.enclosing[site] = chain
-            ancestors.update(chain)
-        for name in sorted(ancestors):
-            module = model.get_submodule(name)
-            self._hooks.append(module.register_forward_pre_hook(_Recorder(self, name), with_kwargs=True))
-        for name, module in model.named_modules():
-            if module is not model and takes_spatial_shapes(module):
-                self._hooks.append(module.register_forward_pre_hook(self.on_shapes, with_kwargs=True))
-            if _is_patch_embedding(module):
-                self._hooks.append(module.register_forward_pre_hook(self.on_image, with_kwargs=True))
-                self._hooks.append(module.register_forward_hook(self.on_patch_embedding))
-
-    def __getstate__(self) -> dict:
-        # Per-thread shapes and hook handles belong to this process's forward, not to copies.
-        return {k: v for k, v in self.__dict__.items() if k not in ("local", "_hooks")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.local = threading.local()
-        self._hooks = []
-
-    def remove(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-
-    def empty(self) -> bool:
-        """Whether this thread has seen nothing of the current forward (no hook ran in it)."""
-        state = getattr(self.local, "state", None)
-        return state is None or (state["image"] is None and not state["inputs"] and not state["patches"])
-
-    def state(self) -> dict:
-        state = getattr(self.local, "state", None)
-        if state is None:
-            state = self.local.state = {"image": None, "inputs": {}, "patches": []}
-        return state
-
-    def on_model(self, module: nn.Module, args, kwargs) -> None:
-        state = self.state()
-        state["inputs"] = {}
-        state["patches"] = []
-        image = _first_tensor(args, kwargs, dims=(4,))
-        state["image"] = (int(image.shape[0]), (int(image.shape[-2]), int(image.shape[-1]))) if image is not None else None
-        state["spatial_shapes"] = _spatial_shapes(module, args, kwargs)
-
-    def on_shapes(self, module: nn.Module, args, kwargs) -> None:
-        shapes = _spatial_shapes(module, args, kwargs)
-        if shapes is not None:
-            self.state()["spatial_shapes"] = shapes
-
-    def on_image(self, module: nn.Module, args, kwargs) -> None:
-        """Pre-hook on a patch embedding: its 4-D input is the image (also when the model is
-        entered below its root, e.g. through ``forward_features``)."""
-        image = _first_tensor(args, kwargs, dims=(4,))
-        if image is not None and image.shape[1] <= 4:
-            self.state()["image"] = (int(image.shape[0]), (int(image.shape[-2]), int(image.shape[-1])))
-
-    def on_input(self, name: str, args, kwargs) -> None:
-        tensor = _first_tensor(args, kwargs, dims=(4,))
-        if tensor is not None:
-            self.state()["inputs"][name] = tuple(tensor.shape)
-
-    def on_patch_embedding(self, module: nn.Module, args, output) -> None:
-        out = output[0] if isinstance(output, (tuple, list)) and output else output
-        grid = None
-        if isinstance(out, torch.Tensor) and out.dim() == 4:
-            grid = (int(out.shape[-2]), int(out.shape[-1])) if isinstance(module, nn.Conv2d) else None
-            if grid is None:
-                grid = (int(out.shape[1]), int(out.shape[2])) if out.shape[-1] == getattr(module, "embed_dim", -1) else (int(out.shape[-2]), int(out.shape[-1]))
-        elif getattr(module, "grid_size", None) is not None:
-            image = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 else None
-            feat = getattr(module, "dynamic_feat_size", None)
-            grid = pair(feat(image.shape[-2:]) if image is not None and callable(feat) else module.grid_size)
-        if grid is not None:
-            patches = self.state()["patches"]
-            patches.insert(0, grid)
-            del patches[4:]
-
-    # geometry
-    def candidates(self, site: "SiteState", call: "CallInput", windows: int) -> list[tuple[Grid, str]]:
-        state = self.state()
-        out: list[tuple[Grid, str]] = []
-        for grid in grid_candidates(call.shape4 or ()):
-            out.append((grid, "the layer's 4-D input"))
-        for grid in call.sizes:
-            out.append((grid, "the layer's size argument"))
-        if windows > 1 and site.window is not None:
-            out.append((site.window, "the layer's window size"))
-        for name in self.enclosing.get(site.name, ()):
-            shape = state["inputs"].get(name)
-            for grid in grid_candidates(shape or ()):
-                out.append((grid, f"the 4-D input of {name}"))
-        for grid in state["patches"]:
-            out.append((grid, "the patch embedding"))
-        return out
-
-    def image_grids(self) -> list[tuple[Grid, str]]:
-        image = self.state()["image"]
-        if image is None:
-            return []
-        return [(g, "the image size") for g in scaled_grids(image[1])]
-
-    def windows(self, batch: int) -> int:
-        image = self.state()["image"]
-        if image is None or not image[0] or batch % image[0]:
-            return 1
-        return batch // image[0]
-
-    def geometry(self, site: "SiteState", call: "CallInput", tokens: int, batch: int, least_windows: int = 1) -> Optional[TokenGeometry]:
-        """The layout of a call over ``tokens`` tokens with ``batch`` sequences (``None`` if no
-        grid of this forward fits). ``least_windows``: host windows the queries' shape shows."""
-        windows = max(self.windows(batch), least_windows)
-        found = resolve_geometry(
-            tokens, self.candidates(site, call, windows), windows=windows, prefix_hint=self.prefix_hint, suffix=self.suffix
-        )
-        if found is None:
-            limit = self.prefix_hint if self.prefix_hint is not None else 1
-            found = resolve_geometry(
-                tokens, self.image_grids(), windows=windows, prefix_hint=self.prefix_hint, suffix=self.suffix, max_extra=limit
-            )
-        return found
-
-    def key_geometry(self, site, call, tokens: int, batch: int, least_windows: int, query: TokenGeometry) -> Optional[TokenGeometry]:
-        """The grid of keys on another grid than the queries: a stride of the query grid (or
-        the other way round), with the same tokens beyond the grid."""
-        derived = [(g, "a pooled query grid") for g in scaled_grids(query.grid)]
-        found = resolve_geometry(tokens, derived, windows=query.windows, prefix_hint=query.prefix, suffix=query.suffix)
-        if found is None:
-            found = self.geometry(site, call, tokens, batch, least_windows)
-        if found is not None and (found.prefix, found.suffix) != (query.prefix, query.suffix):
-            return None  # pooled keys keep the queries' extra tokens
-        return found
-
-
-class _Recorder:
-    """Forward pre-hook recording a module's 4-D input into its model's :class:`Runtime`."""
-
-    def __init__(self, runtime: Runtime, name: str) -> None:
-        self.runtime = runtime
-        self.name = name
-
-    def __call__(self, module, args, kwargs) -> None:
-        self.runtime.on_input(self.name, args, kwargs)
-
-
-def takes_spatial_shapes(module: nn.Module) -> bool:
-    """Whether the module's forward takes per-sample patch grids (``spatial_shapes``, NaFlex)."""
-    try:
-        return "spatial_shapes" in inspect.signature(type(module).forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _spatial_shapes(module: nn.Module, args, kwargs) -> Optional[torch.Tensor]:
-    shapes = kwargs.get("spatial_shapes")
-    if shapes is None and takes_spatial_shapes(module):
-        names = list(inspect.signature(type(module).forward).parameters)[1:]
-        position = names.index("spatial_shapes")
-        shapes = args[position] if position < len(args) else None
-    return shapes if isinstance(shapes, torch.Tensor) and shapes.dim() == 2 and shapes.shape[-1] == 2 else None
-
-
-def naflex_geometry(shapes: torch.Tensor, num_tokens: int) -> tuple[Grid, torch.Tensor]:
-    """Per-sample grids (``spatial_shapes``, ``(B, 2)`` rows of ``(h, w)``), each sample's
-    patches row-major first, then padding: the common grid ``(max h, max w)`` and
-    :attr:`LocalMask.positions` into one virtual prefix token (index 0, where padding goes:
-    global, and masked out by the host's padding mask) followed by that grid."""
-    heights, widths = shapes[:, 0].long(), shapes[:, 1].long()
-    grid = (int(heights.max()), int(widths.max()))
-    i = torch.arange(num_tokens, device=shapes.device)[None, :]
-    w = widths[:, None]
-    positions = 1 + (i // w) * grid[1] + i % w
-    positions = torch.where(i < heights[:, None] * w, positions, torch.zeros_like(positions))
-    return grid, positions
-
-
-def _is_patch_embedding(module: nn.Module) -> bool:
-    if getattr(module, "grid_size", None) is not None and hasattr(module, "proj"):
-        return True
-    if isinstance(module, nn.Conv2d):  # on pixels, strided (patches, possibly overlapping)
-        k, s = pair(module.kernel_size), pair(module.stride)
-        return s[0] > 1 and k[0] >= s[0] and module.in_channels <= 4
-    return False
-
-
-def _first_tensor(args, kwargs, dims=(4,)) -> Optional[torch.Tensor]:
-    """The first tensor of ``dims`` dimensions among the arguments (or inside a tuple or list
-    argument: PiT's stages take ``(feature map, class tokens)``)."""
-    for value in list(args) + list(kwargs.values()):
-        items = value if isinstance(value, (tuple, list)) else (value,)
-        for item in items:
-            if isinstance(item, torch.Tensor) and item.dim() in dims:
-                return item
-    return None
-
-
-UNREADABLE = (
-    "computes attention in a form attnmask cannot read: no scaled_dot_product_attention call and no softmax over "
-    "(heads, queries, keys) logits in its forward on the example input (e.g. factorised, halo, linear or additive attention)"
-)
-
-
-@dataclass
-class CallInput:
-    """What the patched layer's forward was given: its 4-D input's shape, size arguments."""
-
-    shape4: Optional[tuple[int, ...]] = None
-    tokens: Optional[int] = None
-    sizes: list[Grid] = field(default_factory=list)
-    cross: bool = False  # a second token sequence was passed (queries and keys from different tokens)
-
-    @classmethod
-    def of(cls, args, kwargs) -> "CallInput":
-        values = list(args) + list(kwargs.values())
-        call = cls()
-        first = next((v for v in values if isinstance(v, torch.Tensor)), None)
-        if first is not None and first.dim() == 4:
-            call.shape4 = tuple(first.shape)
-        elif first is not None and first.dim() == 3:
-            call.tokens = int(first.shape[1])
-        sequences = [v for v in values if isinstance(v, torch.Tensor) and v.dim() == 3 and v.is_floating_point()]
-        if first is not None and first.dim() == 3:
-            call.cross = any(
-                v is not first and v.shape[-1] == first.shape[-1] and v.shape[0] == first.shape[0] and v.shape[1] != first.shape[1]
-                for v in sequences
-            )  # a second sequence of the same length is a position embedding, not other tokens
-        ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
-        for v in values:
-            if isinstance(v, (tuple, list, torch.Size)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-                call.sizes.append((int(v[0]), int(v[1])))
-        if len(ints) == 2:
-            call.sizes.append((ints[0], ints[1]))
-        return call
 
 
 # -- the interception ----------------------------------------------------------------------
@@ -494,9 +107,8 @@ def recorded_pooled(q, k, v, bias, scale, mask) -> Optional[torch.Tensor]:
     recorder = record.current_recorder()
     if recorder is None or not getattr(recorder, "accepts_pooled", False):
         return None
-    additive = bias.float() if bias.dtype != torch.bool else torch.zeros(bias.shape, device=bias.device).masked_fill(~bias, float("-inf"))
-    logits = (q.float() @ k.float().transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)
-    probs = torch.softmax(logits + additive, -1)
+    everything = torch.ones((), dtype=torch.bool, device=q.device)  # the window is in ``bias``
+    probs = explicit_probs(q, k, everything, "hard", bias, scale)
     recorder(probs, mask())
     return (probs @ v.float()).to(q.dtype)
 
@@ -979,24 +591,6 @@ _MISSING = _Missing()
 def _prefix_hint(model: nn.Module) -> Optional[int]:
     value = getattr(model, "num_prefix_tokens", None)
     return int(value) if isinstance(value, int) else None
-
-
-def refusal_message(model: nn.Module, findings: list[FoundLayer]) -> str:
-    """Why no layer of ``model`` can be masked, one line per kind of layer."""
-    title = f"attnmask cannot mask {type(model).__module__}.{type(model).__qualname__}"
-    if not findings:
-        return (
-            f"{title}: no module computes attention between tokens (none has a head count and calls "
-            "scaled_dot_product_attention or a softmax in its forward); it is not a model with attention over a patch grid"
-        )
-    kinds: dict[tuple[str, str], list[str]] = {}
-    for f in findings:
-        kinds.setdefault((f.kind, f.reason), []).append(group_name(f.name))
-    lines = []
-    for (cls, reason), names in kinds.items():
-        shown = ", ".join(sorted(Counter(names)))
-        lines.append(f"{shown} ({cls}) {reason}")
-    return f"{title}: " + "; ".join(lines)
 
 
 ADAPTER = GenericAdapter()

@@ -203,7 +203,7 @@ class HFAdapter(Adapter):
     @staticmethod
     def _naflex(model: nn.Module) -> bool:
         """Per-sample patch grids given as ``spatial_shapes`` (SigLIP2's NaFlex)."""
-        from .generic import takes_spatial_shapes
+        from .runtime import takes_spatial_shapes
 
         return any(takes_spatial_shapes(m) for m in model.modules())
 
