@@ -13,27 +13,61 @@ from torch import nn
 
 from .adapters import adapter_named, find_adapter
 from .kernels import choose_backend, resolve_backend
+from .masks import MaskCache
 from .report import InspectReport, LayerRow, MaskReport
 from .spec import Heads, LayerPlan, MaskSpec, check_mode, check_prefix, normalize_window, resolve_heads
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 SPEC_ATTR = "_attnmask_spec"
+CACHE_ATTR = "_attnmask_cache"
+
+
+_WRAPPERS = {
+    "OptimizedModule": "_orig_mod",  # torch.compile
+    "DistributedDataParallel": "module",
+    "DataParallel": "module",
+    "FullyShardedDataParallel": "module",  # FSDP1; FSDP2 (fully_shard) wraps nothing
+}
+"""Wrapper class name -> the attribute holding the model it wraps."""
+
+
+def check_model(model: Any, argument: str = "model") -> nn.Module:
+    """Raise a ``TypeError`` naming ``argument`` unless ``model`` is an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        shown = repr(model)
+        shown = shown if len(shown) <= 80 else f"<{type(model).__name__} object>"
+        raise TypeError(
+            f"{argument}={shown} is not accepted: expected a torch.nn.Module (a model, or a torch.compile / "
+            "DistributedDataParallel / FSDP wrapper of one)"
+        )
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else
+    """The model inside ``torch.compile`` (``OptimizedModule._orig_mod``), ``DataParallel``,
+    ``DistributedDataParallel`` and FSDP wrappers (``.module``), nested in any order, else
     ``model``: the spec and the patched modules live on the original model."""
-    if type(model).__name__ != "OptimizedModule":
-        return model
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
+    for _ in range(8):  # wrappers nest a few levels at most
+        attribute = next((_WRAPPERS[c.__name__] for c in type(model).__mro__ if c.__name__ in _WRAPPERS), None)
+        inner = getattr(model, attribute, None) if attribute else None
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        model = inner
+    return model
 
 
 def get_spec(model: nn.Module) -> Optional[MaskSpec]:
-    """The :class:`MaskSpec` of a patched model (or of the model inside a ``torch.compile``
-    wrapper), or ``None`` if it is not patched."""
-    return unwrap(model).__dict__.get(SPEC_ATTR)
+    """The :class:`MaskSpec` of a patched model (or of the model inside a ``torch.compile`` or
+    data-parallel wrapper), or ``None`` if it is not patched."""
+    return unwrap(check_model(model)).__dict__.get(SPEC_ATTR)
+
+
+def mask_cache(model: nn.Module) -> Optional[MaskCache]:
+    """The :class:`~attnmask.masks.MaskCache` of a patched model's installation (shared by
+    its patched layers; ``info()`` gives the bytes it holds now and at its peak, and
+    ``max_bytes`` its bound), or ``None`` if the model is not patched."""
+    return unwrap(model).__dict__.get(CACHE_ATTR)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -86,13 +120,23 @@ def apply(
         example: An input for the one observing forward that models of no family adapter
             get (see :func:`inspect`); default: one random image of the model's configured size.
 
+    Wrappers: ``model`` may be a ``torch.compile`` wrapper (``OptimizedModule``) or a
+    ``DataParallel``/``DistributedDataParallel``/FSDP wrapper; the model inside is patched and
+    :func:`remove`, :func:`describe`, :func:`get_spec` and :func:`inspect` see through the
+    same wrappers. A wrapper compiled before ``apply`` (or ``remove``) needs nothing more:
+    patching swaps module classes and plan objects, which TorchDynamo's guards check, so the
+    next call recompiles (no ``torch._dynamo.reset()``; see ``tests/test_wrappers.py``).
+    Wrap ``DistributedDataParallel`` after ``apply`` where you can: DDP captures nothing that
+    patching changes, but its hooks on parameters are set when it is built.
+
     Returns:
-        The same ``model``, patched.
+        The same ``model`` (the wrapper, if a wrapper was given), patched.
 
     Raises:
         TypeError, ValueError: For bad arguments or an unsupported model. Everything is
             validated before anything is patched: a failing call leaves ``model`` untouched.
     """
+    wrapper, model = model, unwrap(check_model(model))
     window = normalize_window(window)
     prefix = check_prefix(prefix)
     mode = check_mode(mode)
@@ -125,16 +169,19 @@ def apply(
     except BaseException:
         _restore(model, checkpoint)
         raise
-    return model
+    return wrapper
 
 
 def _install(model: nn.Module, adapter, sites, spec: MaskSpec, backend: str) -> None:
     masked = [site for site in sites if spec.heads[site.layer]]
+    cache = MaskCache()  # one per installation: remove() (or a re-apply) drops its masks
     plans = [
-        LayerPlan(s.layer, s.num_heads, spec.heads[s.layer], spec.window, spec.prefix, backend, spec.mode) for s in masked
+        LayerPlan(s.layer, s.num_heads, spec.heads[s.layer], spec.window, spec.prefix, backend, spec.mode, cache)
+        for s in masked
     ]
     adapter.install(model, masked, plans)
     model.__dict__[SPEC_ATTR] = spec
+    model.__dict__[CACHE_ATTR] = cache
 
 
 _HOOK_DICTS = (
@@ -180,13 +227,19 @@ def _restore(model: nn.Module, checkpoint) -> None:
 def remove(model: ModelT) -> ModelT:
     """Undo :func:`apply`: restore the original attention modules exactly, in place.
 
-    A model that is not patched is returned unchanged.
+    A model that is not patched is returned unchanged. ``model`` may be a ``torch.compile``
+    or data-parallel wrapper (see :func:`apply`); the wrapper is returned.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
     """
-    spec = get_spec(model)
+    inner = unwrap(check_model(model))
+    spec = inner.__dict__.get(SPEC_ATTR)
     if spec is None:
         return model
-    adapter_named(spec.family).uninstall(model, spec.layers)
-    del model.__dict__[SPEC_ATTR]
+    adapter_named(spec.family).uninstall(inner, spec.layers)
+    del inner.__dict__[SPEC_ATTR]
+    inner.__dict__.pop(CACHE_ATTR, None)
     return model
 
 
@@ -198,7 +251,7 @@ def describe(model: nn.Module) -> MaskReport:
     wrappers (it describes the model inside). An unpatched model that no family adapter
     claims is found by structure, which runs one observing forward (see :func:`inspect`).
     """
-    model = unwrap(model)
+    model = unwrap(check_model(model))
     spec = get_spec(model)
     adapter = adapter_named(spec.family) if spec is not None else find_adapter(model)
     notes = tuple(adapter.notes(model))
@@ -222,7 +275,7 @@ def inspect(model: nn.Module, example: Any = None) -> InspectReport:
     size), with the model in eval mode and gradients off; the model is left as it was.
     ``print(attnmask.inspect(model))`` shows a table; ``.to_dict()`` gives plain data.
     """
-    model = unwrap(model)
+    model = unwrap(check_model(model))
     adapter = find_adapter(model)
     title = f"{type(model).__module__}.{type(model).__qualname__}"
     return InspectReport(title, adapter.name, adapter.findings(model, example), tuple(adapter.notes(model)))

@@ -7,10 +7,10 @@ import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from .kernels import BACKENDS
-from .masks import PREFIX_POLICIES, LocalMask
+from .masks import PREFIX_POLICIES, LocalMask, MaskCache
 from .schedules import PRESETS
 
 SPEC_VERSION = 1
@@ -45,7 +45,7 @@ def normalize_window(window: Any) -> tuple[int, int]:
         TypeError: If ``window`` is not an int or a pair of ints.
         ValueError: If a size is even or not positive.
     """
-    if isinstance(window, bool) or not isinstance(window, (numbers.Integral, Sequence)) or isinstance(window, str):
+    if isinstance(window, (bool, str, bytes, bytearray)) or not isinstance(window, (numbers.Integral, Sequence)):
         raise TypeError(
             f"window={window!r} is not accepted: expected an odd positive int k (a k x k window) "
             "or a pair of odd positive ints (kh, kw)"
@@ -84,7 +84,8 @@ def check_prefix(prefix: Any) -> str:
 
 def _layer_heads(value: Any, layer: int, num_heads: int, where: str) -> tuple[int, ...]:
     """Resolve one layer's ``heads`` form to sorted head indices."""
-    if isinstance(value, bool):
+    if isinstance(value, (bool, bytes, bytearray)):
+        # bytes are a sequence of ints: b"\x00" would silently read as head 0.
         raise TypeError(f"{where}={value!r} is not accepted: use an int count, a fraction, 'all', 'none' or indices")
     if isinstance(value, str):
         check_choice(where, value, HEAD_STRINGS)
@@ -173,6 +174,8 @@ class LayerPlan:
         prefix: Prefix policy.
         backend: Name of the kernel that runs it (``"auto"`` chooses per call).
         mode: ``"hard"`` or ``"soft"`` (see :data:`MODES`).
+        cache: The installation's :class:`~attnmask.masks.MaskCache`, shared by every layer
+            of one :func:`attnmask.apply` (``None``: the default cache).
     """
 
     layer: int
@@ -182,6 +185,7 @@ class LayerPlan:
     prefix: str
     backend: str
     mode: str = "hard"
+    cache: Optional[MaskCache] = field(default=None, compare=False, repr=False)
 
     def local_mask(self, grid: tuple[int, int], prefix_tokens: int, positions=None) -> LocalMask:
         """The layer's :class:`~attnmask.masks.LocalMask` for an input on ``grid``."""
@@ -195,6 +199,7 @@ class LayerPlan:
             positions=positions,
             mode=self.mode,
             layer=self.layer,
+            cache=self.cache,
         )
 
 
