@@ -94,7 +94,8 @@ def apply(
 
     Args:
         model: A supported vision transformer (see the error for unsupported ones).
-        heads: Which heads to mask in each attention layer:
+        heads: Which heads to mask in each attention layer (default ``0.5``: half the heads
+            of every layer, at least one):
 
             - a schedule preset: ``"mait"`` (all heads in the first third of the layers,
               one in the middle third, none in the last), ``"mait-mixed"`` (all heads in
@@ -106,7 +107,9 @@ def apply(
             - a mapping ``{layer_index: heads}`` (layers not named stay unmasked);
             - a callable ``(layer_index, num_layers, num_heads) -> heads`` (any form above).
         window: Odd int ``k`` for a ``k x k`` neighbourhood, or a pair of odd ints
-            ``(kh, kw)`` (rows, columns).
+            ``(kh, kw)`` (rows, columns); default ``7``. A window that reaches every patch
+            from every patch (``kh >= 2 * rows - 1`` and ``kw >= 2 * cols - 1`` of the grid,
+            prefix tokens global) masks nothing: a ``UserWarning`` says so at the first forward on that grid.
         prefix: ``"global"`` (prefix tokens attend to everything and are visible to every
             query) or ``"isolated"`` (patch queries of masked heads do not see prefix tokens).
         backend: ``"auto"`` (chosen per call from device, dtype, token count, masked-head
