@@ -361,6 +361,10 @@ def supported() -> list[dict[str, object]]:
     ]
 
 
+WHERE_FAMILIES = "`attnmask.supported()` or docs/supported-models.md lists the families"
+"""Where an unsupported-model message sends the reader (the full list is too long for one line)."""
+
+
 def supported_families() -> str:
     """Human-readable list of the supported families (for error messages)."""
     return "; ".join(f"{e.name} ({e.models}; tested with {', '.join(e.tested)})" for e in REGISTRY)
@@ -384,7 +388,7 @@ def find_adapter(model: nn.Module) -> Adapter:
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module`` or no adapter handles it; the message
-            lists the supported families.
+            says where the supported families are listed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={type(model).__name__} is not accepted: expected a torch.nn.Module")
@@ -394,6 +398,6 @@ def find_adapter(model: nn.Module) -> Adapter:
             if adapter.matches(model):
                 return adapter
     raise TypeError(
-        f"attnmask does not support {type(model).__module__}.{type(model).__qualname__}: no attention "
-        f"layers of a supported family were found. Supported families: {supported_families()}"
+        f"{type(model).__module__}.{type(model).__qualname__} is not a supported model: no attention layers "
+        f"found; {WHERE_FAMILIES}"
     )

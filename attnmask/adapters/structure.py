@@ -17,6 +17,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from ..report import FoundLayer
+from . import WHERE_FAMILIES
 
 
 def forward_names(module: nn.Module) -> tuple[str, ...]:
@@ -156,8 +157,8 @@ def refusal_message(model: nn.Module, findings: list[FoundLayer]) -> str:
     title = f"attnmask cannot mask {type(model).__module__}.{type(model).__qualname__}"
     if not findings:
         return (
-            f"{title}: no module computes attention between tokens (none has a head count and calls "
-            "scaled_dot_product_attention or a softmax in its forward); it is not a model with attention over a patch grid"
+            f"{title}: no attention layers found (no module computes attention between tokens: none has a head "
+            f"count and calls scaled_dot_product_attention or a softmax); {WHERE_FAMILIES}"
         )
     kinds: dict[tuple[str, str], list[str]] = {}
     for f in findings:
