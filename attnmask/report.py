@@ -8,6 +8,10 @@ from typing import Any, Optional
 from .spec import MaskSpec
 
 
+COVERS_GRID_NOTE = "window covers grid"
+"""How :class:`MaskReport` flags a window that masks nothing (header and first note)."""
+
+
 @dataclass(frozen=True)
 class LayerRow:
     """One attention layer: index, module name, number of heads, masked head indices."""
@@ -50,6 +54,30 @@ class MaskReport:
         return self.spec is not None
 
     @property
+    def window_covers_grid(self) -> bool:
+        """Whether the window reaches every patch of the grid from every patch, so that the
+        "masked" heads attend everywhere, as global heads do (nothing is masked). ``False``
+        when not patched, when the grid is unknown, and with ``prefix="isolated"`` (patch
+        queries still do not see prefix tokens)."""
+        if not self.window or not self.grid or self.prefix != "global":
+            return False
+        return self.window[0] >= 2 * self.grid[0] - 1 and self.window[1] >= 2 * self.grid[1] - 1
+
+    @property
+    def all_notes(self) -> tuple[str, ...]:
+        """:attr:`notes`, with one first when the window covers the grid."""
+        if not self.window_covers_grid or any(n.startswith(COVERS_GRID_NOTE) for n in self.notes):
+            return self.notes
+        kh, kw = self.window
+        rows, cols = self.grid
+        note = (
+            f"{COVERS_GRID_NOTE}: the {kh}x{kw} window reaches every patch of the {rows}x{cols} grid, so the masked "
+            f"heads attend as global heads do; a window masks something when it is under {2 * rows - 1} rows "
+            f"or {2 * cols - 1} columns"
+        )
+        return (note,) + self.notes
+
+    @property
     def mode(self) -> Optional[str]:
         """``"hard"`` or ``"soft"`` (``None`` if not patched)."""
         return self.spec.mode if self.spec is not None else None
@@ -65,11 +93,12 @@ class MaskReport:
             "mode": self.mode,
             "backend": self.backend,
             "resolved_backend": self.resolved_backend,
+            "window_covers_grid": self.window_covers_grid,
             "layers": [
                 {"layer": r.layer, "name": r.name, "num_heads": r.num_heads, "masked_heads": list(r.heads)}
                 for r in self.layers
             ],
-            "notes": list(self.notes),
+            "notes": list(self.all_notes),
         }
 
     def __str__(self) -> str:
@@ -82,6 +111,7 @@ class MaskReport:
                 f"prefix {self.prefix}, mode {self.mode}, backend {self.backend} -> {self.resolved_backend}"
                 f"{' (chosen per call; here at inference)' if self.backend == 'auto' else ''}; "
                 f"{masked}/{total} heads masked"
+                f"{f' ({COVERS_GRID_NOTE}: no masking)' if self.window_covers_grid else ''}"
             )
         else:
             header = f"attnmask: {self.family}, not patched, grid {grid}; 0/{total} heads masked"
@@ -92,7 +122,7 @@ class MaskReport:
             if r.heads and len(r.heads) == r.num_heads:
                 chosen += " (all)"
             lines.append(f"{r.layer:>5}  {r.name:<{name_width}}  {r.num_heads:>5}  {chosen}")
-        lines.extend(f"note: {note}" for note in self.notes)
+        lines.extend(f"note: {note}" for note in self.all_notes)
         return "\n".join(lines)
 
 

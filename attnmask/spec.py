@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+import torch
 
 from .kernels import BACKENDS
 from .masks import PREFIX_POLICIES, LocalMask, MaskCache
@@ -188,8 +191,12 @@ class LayerPlan:
     cache: Optional[MaskCache] = field(default=None, compare=False, repr=False)
 
     def local_mask(self, grid: tuple[int, int], prefix_tokens: int, positions=None) -> LocalMask:
-        """The layer's :class:`~attnmask.masks.LocalMask` for an input on ``grid``."""
-        return LocalMask(
+        """The layer's :class:`~attnmask.masks.LocalMask` for an input on ``grid``.
+
+        Every adapter builds its masks here, when the grid of a call is known; a window that
+        covers that grid (the masked heads stay global) is warned about once per geometry
+        (:func:`warn_if_window_covers_grid`)."""
+        mask = LocalMask(
             grid=(int(grid[0]), int(grid[1])),
             window=self.window,
             prefix_tokens=prefix_tokens,
@@ -201,6 +208,33 @@ class LayerPlan:
             layer=self.layer,
             cache=self.cache,
         )
+        if mask.heads and mask.covers_grid:
+            warn_if_window_covers_grid(mask.window, mask.grid)
+        return mask
+
+
+_COVERING_WARNED: set[tuple[tuple[int, int], tuple[int, int]]] = set()
+"""``(window, grid)`` pairs already warned about in this process."""
+
+
+def warn_if_window_covers_grid(window: tuple[int, int], grid: tuple[int, int]) -> None:
+    """Warn (a ``UserWarning``, once per ``(window, grid)`` in a process) that ``window`` reaches
+    every patch of ``grid`` from every patch, so masked heads attend as global ones do.
+
+    Skipped while ``torch.compile`` traces (a Python side effect it should not record); the
+    first eager call, or :func:`attnmask.describe`, says it instead.
+    """
+    key = (tuple(window), tuple(grid))
+    if torch.compiler.is_compiling() or key in _COVERING_WARNED:
+        return
+    _COVERING_WARNED.add(key)
+    warnings.warn(
+        f"attnmask: window {window[0]}x{window[1]} covers the whole {grid[0]}x{grid[1]} grid its layers attend "
+        f"over, so the masked heads are not masked (a window masks something only when it is smaller than "
+        f"{2 * grid[0] - 1}x{2 * grid[1] - 1} in one direction); use a smaller window or a larger input",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass(frozen=True)
