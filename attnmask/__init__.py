@@ -15,11 +15,11 @@ its search rule), ``import attnmask.models`` (MaiT models in timm's registry) an
 
 from . import schedules
 from .adapters import supported
-from .api import apply, describe, get_spec, inspect, is_patched, remove
+from .api import apply, describe, get_spec, inspect, is_patched, mask_cache, remove
 from .hub import from_pretrained, save_pretrained
 from .hub.hooks import register as _register_transformers_hook
 from .locality import locality_scores, suggest_heads
-from .masks import LocalMask, local_window
+from .masks import LocalMask, MaskCache, local_window
 from .report import InspectReport, MaskReport
 from .spec import MaskSpec
 
@@ -30,6 +30,7 @@ _register_transformers_hook()
 __all__ = [
     "InspectReport",
     "LocalMask",
+    "MaskCache",
     "MaskReport",
     "MaskSpec",
     "__version__",
@@ -41,6 +42,7 @@ __all__ = [
     "is_patched",
     "local_window",
     "locality_scores",
+    "mask_cache",
     "remove",
     "save_pretrained",
     "schedules",

@@ -15,7 +15,9 @@ mask from it, so backends agree by construction.
 
 from __future__ import annotations
 
+import itertools
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -169,6 +171,8 @@ class LocalMask:
             (they are set to 0 before the softmax: the paper's Eq. 2).
         layer: Index of the attention layer this mask belongs to (for tools that record
             per-layer statistics); not part of the geometry.
+        cache: The :class:`MaskCache` its dense forms are kept in (its installation's);
+            ``None``: :data:`DEFAULT_CACHE`. Not part of the geometry.
     """
 
     grid: tuple[int, int]
@@ -180,6 +184,7 @@ class LocalMask:
     positions: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
     mode: str = "hard"
     layer: Optional[int] = field(default=None, compare=False)
+    cache: Optional["MaskCache"] = field(default=None, compare=False, repr=False)
 
     @property
     def full_tokens(self) -> int:
@@ -223,23 +228,30 @@ class LocalMask:
             window = at_positions(window, self.positions.to(device))
         return select_heads(window, head_is_local)
 
+    @property
+    def store(self) -> "MaskCache":
+        """The cache this mask's forms are kept in: its installation's, else :data:`DEFAULT_CACHE`."""
+        return self.cache if self.cache is not None else DEFAULT_CACHE
+
+    def _form(self, form: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """One cached form of this mask (see :func:`_build_form`). While ``torch.compile``
+        traces, the lookup runs once at trace time and its result becomes a constant of the
+        graph, so a compiled forward neither builds a mask nor touches the cache."""
+        if torch.compiler.is_compiling():
+            return _constant_form(
+                self.store.id, form, self.grid, self.window, self.prefix_tokens, self.prefix,
+                self.num_heads, self.heads, str(device), dtype,
+            )
+        return _build_form(self, form, device, dtype)
+
     def window_mask(self, device=None) -> torch.Tensor:
         """Dense boolean mask of a masked head: ``(N, N)``, cached per (geometry, device).
 
         With :attr:`positions`, the cached full-layout mask read at each sample's
-        positions: ``(batch, 1, N, N)`` (built per call: positions change every forward).
-        Under ``torch.compile`` the mask is built inside the graph instead (the cache is a
-        Python side effect the compiler should not trace).
+        positions: ``(batch, 1, N, N)`` (gathered per call: positions change every forward).
         """
         device = torch.device(device or "cpu")
-
-        def build() -> torch.Tensor:
-            return evaluate(self.window_mod(), 1, self.full_tokens, device)[0].contiguous()
-
-        if torch.compiler.is_compiling():
-            full = build()
-        else:
-            full = cached((self.grid, self.window, self.prefix_tokens, self.prefix, device), build)
+        full = self._form("window", device)
         if self.positions is None:
             return full
         positions = self.positions.to(device)
@@ -254,21 +266,9 @@ class LocalMask:
         (geometry, dtype, device) in a buffer whose rows are padded to a multiple of 16; the
         returned tensor is the ``(N, N)`` view of it. Not for per-sample :attr:`positions`.
         """
-        device = torch.device(device or "cpu")
         if self.positions is not None:
             raise ValueError("LocalMask.additive_mask does not support per-sample positions; use window_mask()")
-        n = self.full_tokens
-
-        def build() -> torch.Tensor:
-            allowed = self.window_mask(device)
-            padded = torch.zeros(n, -(-n // ALIGN) * ALIGN, dtype=dtype, device=device)
-            padded[:, :n].masked_fill_(~allowed, float("-inf"))
-            return padded[:, :n]
-
-        if torch.compiler.is_compiling():
-            return torch.zeros(n, n, dtype=dtype, device=device).masked_fill(~self.window_mask(device), float("-inf"))
-        key = ("additive", self.grid, self.window, self.prefix_tokens, self.prefix, dtype, device)
-        return cached(key, build)
+        return self._form("additive", torch.device(device or "cpu"), dtype)
 
     def head_additive_mask(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Additive mask of every head at once (hard mode's ``-inf``, whatever :attr:`mode`
@@ -276,42 +276,82 @@ class LocalMask:
         on masked heads (rows padded to a multiple of
         16 elements). For running all heads in one SDPA call. Cached per (geometry, heads,
         dtype, device); not for per-sample :attr:`positions`."""
-        device = torch.device(device or "cpu")
         if self.positions is not None:
             raise ValueError("LocalMask.head_additive_mask does not support per-sample positions; use window_mask()")
-        n = self.full_tokens
-
-        def build() -> torch.Tensor:
-            padded = torch.zeros(self.num_heads, n, -(-n // ALIGN) * ALIGN, dtype=dtype, device=device)
-            padded[list(self.heads), :, :n] = self.additive_mask(device, dtype)
-            return padded[None, :, :, :n]
-
-        if torch.compiler.is_compiling():
-            return build()
-        key = ("head-additive", self.grid, self.window, self.prefix_tokens, self.prefix, self.num_heads, self.heads, dtype, device)
-        return cached(key, build)
+        return self._form("head-additive", torch.device(device or "cpu"), dtype)
 
     def forbidden(self, device=None) -> torch.Tensor:
         """``(num_heads, N, N)`` boolean: True where a masked head may not attend (global
         heads: all False). Cached per (geometry, heads, device), like :meth:`window_mask`;
         for host code that masks its own logits (:func:`mask_logits`)."""
-        device = torch.device(device or "cpu")
         if self.positions is not None:
             raise ValueError("LocalMask.forbidden does not support per-sample positions; use window_mask()")
-
-        def build() -> torch.Tensor:
-            return ~evaluate(self.mask_mod(device), self.num_heads, self.num_tokens, device).contiguous()
-
-        if torch.compiler.is_compiling():
-            return build()
-        key = ("forbidden", self.grid, self.window, self.prefix_tokens, self.prefix, self.num_heads, self.heads, device)
-        return cached(key, build)
+        return self._form("forbidden", torch.device(device or "cpu"))
 
     def dense(self, device=None) -> torch.Tensor:
         """Dense mask of all heads (for tests and plots): ``(num_heads, N, N)``, or
         ``(batch, num_heads, N, N)`` with :attr:`positions`."""
         batch = None if self.positions is None else int(self.positions.shape[0])
         return evaluate(self.mask_mod(device), self.num_heads, self.num_tokens, device, batch)
+
+
+def _build_form(mask: LocalMask, form: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Look up (building on a miss) one dense form of ``mask`` in its cache:
+
+    - ``"window"``: ``(N, N)`` boolean, True where a masked head may attend;
+    - ``"additive"``: ``(N, N)`` in ``dtype``, 0 / ``-inf``, rows padded to :data:`ALIGN`;
+    - ``"head-additive"``: ``(1, num_heads, N, N)``, :meth:`~LocalMask.additive_mask` on the
+      masked heads, 0 on the others (padded rows);
+    - ``"forbidden"``: ``(num_heads, N, N)`` boolean, True where a head may not attend.
+    """
+    n = mask.full_tokens
+    geometry = (mask.grid, mask.window, mask.prefix_tokens, mask.prefix)
+    heads = (mask.num_heads, mask.heads)
+    if form == "window":
+        return mask.store.get(("window", *geometry, device), lambda: evaluate(mask.window_mod(), 1, n, device)[0].contiguous())
+    if form == "additive":
+
+        def additive() -> torch.Tensor:
+            padded = torch.zeros(n, -(-n // ALIGN) * ALIGN, dtype=dtype, device=device)
+            padded[:, :n].masked_fill_(~_build_form(mask, "window", device), float("-inf"))
+            return padded[:, :n]
+
+        return mask.store.get(("additive", *geometry, dtype, device), additive)
+    if form == "head-additive":
+
+        def head_additive() -> torch.Tensor:
+            padded = torch.zeros(mask.num_heads, n, -(-n // ALIGN) * ALIGN, dtype=dtype, device=device)
+            padded[list(mask.heads), :, :n] = _build_form(mask, "additive", device, dtype)
+            return padded[None, :, :, :n]
+
+        return mask.store.get(("head-additive", *geometry, *heads, dtype, device), head_additive)
+    if form == "forbidden":
+
+        def forbidden() -> torch.Tensor:
+            return ~evaluate(mask.mask_mod(device), mask.num_heads, n, device).contiguous()
+
+        return mask.store.get(("forbidden", *geometry, *heads, device), forbidden)
+    raise ValueError(f"form={form!r} is not a mask form: expected 'window', 'additive', 'head-additive' or 'forbidden'")
+
+
+@torch._dynamo.assume_constant_result
+def _constant_form(
+    cache_id: int,
+    form: str,
+    grid: tuple[int, int],
+    window: tuple[int, int],
+    prefix_tokens: int,
+    prefix: str,
+    num_heads: int,
+    heads: tuple[int, ...],
+    device: str,
+    dtype: Optional[torch.dtype],
+) -> torch.Tensor:
+    """:func:`_build_form` from plain constants, for ``torch.compile``: dynamo runs this at
+    trace time (``assume_constant_result``) and puts its result in the graph as a constant,
+    instead of tracing the cache (a lock and a dict) or building the mask in the graph."""
+    mask = LocalMask(grid, window, prefix_tokens, num_heads, heads, prefix, cache=cache_by_id(cache_id))
+    return _build_form(mask, form, torch.device(device), dtype)
 
 
 def restrict(logits: torch.Tensor, allowed: torch.Tensor, mode: str = "hard") -> torch.Tensor:
@@ -372,13 +412,100 @@ def combine_masks(attn_mask: Optional[torch.Tensor], local: torch.Tensor, dtype:
     return torch.where(local, attn_mask.to(dtype), float("-inf"))
 
 
-_CACHE_SIZE = 64
-_CACHE_BYTES = 1 << 30
-"""Bounds of the mask cache: at most this many entries and this many bytes (1 GiB; one
-dense fp32 mask at 4097 tokens is 67 MB). Least recently used entries go first."""
-_cache: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
-_cache_bytes = 0
-_cache_lock = threading.Lock()
+DEFAULT_CACHE_BYTES = 512 << 20
+"""Default byte bound of a :class:`MaskCache` (512 MiB). One dense fp32 additive mask at
+4097 tokens (ViT-B/16 at 1024 px) is 67 MB; the per-head one-call mask of 12 heads in bf16
+is 404 MB."""
+
+
+class MaskCache:
+    """Masks of one installation (one :func:`attnmask.apply`), built once per geometry.
+
+    A bounded LRU map from keys (what a mask is: its form, geometry, dtype, device) to built
+    masks, guarded by a lock so that threads running the model share it safely, and bounded
+    in bytes (:func:`nbytes`), not entries: least recently used entries go first, and a
+    value larger than the whole bound is returned without being kept. Every patched layer
+    of a model shares its installation's cache; :func:`attnmask.remove` drops it with the
+    installation. Masks made outside an installation (a :class:`LocalMask` built by hand)
+    use :data:`DEFAULT_CACHE`.
+
+    Under ``torch.compile`` masks are looked up once, at trace time, and become constants of
+    the compiled graph (:meth:`LocalMask.additive_mask`); the graph then holds them for as
+    long as it lives, whatever this cache later drops.
+
+    Copies (``copy.deepcopy`` of a patched model, pickling) get a new, empty cache.
+
+    Args:
+        max_bytes: Byte bound (default :data:`DEFAULT_CACHE_BYTES`).
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.max_bytes = int(max_bytes)
+        self.id = next(MaskCache._ids)
+        self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._peak = 0
+        self._lock = threading.Lock()
+        _CACHES[self.id] = self
+
+    def __reduce__(self):
+        return (MaskCache, (self.max_bytes,))
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """The value cached under ``key``, or ``build()``'s (kept when it fits the bound).
+
+        A miss builds outside the lock (two threads missing at once may both build; one copy
+        is kept and both get equal values)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry[0]
+        value = build()
+        size = nbytes(value)
+        with self._lock:
+            if key in self._entries:
+                return self._entries[key][0]
+            if size > self.max_bytes:
+                return value
+            self._entries[key] = (value, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._bytes -= dropped
+            self._peak = max(self._peak, self._bytes)
+        return value
+
+    def info(self) -> dict[str, int]:
+        """``entries``, ``bytes`` held now, ``peak_bytes`` (the most held at once) and ``max_bytes``."""
+        with self._lock:
+            return {"entries": len(self._entries), "bytes": self._bytes, "peak_bytes": self._peak, "max_bytes": self.max_bytes}
+
+    def clear(self) -> None:
+        """Drop every entry (the peak is kept)."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+_CACHES: "weakref.WeakValueDictionary[int, MaskCache]" = weakref.WeakValueDictionary()
+"""Every live cache by :attr:`MaskCache.id`: compiled code refers to a cache by its id (a
+constant), not by the object."""
+
+DEFAULT_CACHE = MaskCache()
+"""The cache of masks made outside an installation."""
+
+
+def cache_by_id(cache_id: int) -> MaskCache:
+    """The live cache with this id (:data:`DEFAULT_CACHE` if it is gone)."""
+    return _CACHES.get(cache_id, DEFAULT_CACHE)
+
+
+def cached(key: tuple, build: Callable[[], Any], cache: Optional[MaskCache] = None) -> Any:
+    """``cache.get(key, build)`` (:data:`DEFAULT_CACHE` when ``cache`` is ``None``)."""
+    return (cache or DEFAULT_CACHE).get(key, build)
 
 
 def nbytes(value: Any) -> int:
@@ -396,37 +523,12 @@ def nbytes(value: Any) -> int:
     return 0
 
 
-def cached(key: tuple, build: Callable[[], Any]) -> Any:
-    """Bounded LRU lookup shared by every mask form (dense, additive, block masks, blocked
-    indices): ``build()`` only on a miss. Keys start with what they hold. Bounded in entries
-    and in bytes (:func:`nbytes`); thread-safe (a miss may build twice, one copy is kept)."""
-    global _cache_bytes
-    with _cache_lock:
-        entry = _cache.get(key)
-        if entry is not None:
-            _cache.move_to_end(key)
-            return entry[0]
-    value = build()
-    size = nbytes(value)
-    with _cache_lock:
-        if key in _cache:
-            return _cache[key][0]
-        _cache[key] = (value, size)
-        _cache_bytes += size
-        while len(_cache) > 1 and (len(_cache) > _CACHE_SIZE or _cache_bytes > _CACHE_BYTES):
-            _, (_, dropped) = _cache.popitem(last=False)
-            _cache_bytes -= dropped
-    return value
+def cache_info(cache: Optional[MaskCache] = None) -> dict[str, int]:
+    """:meth:`MaskCache.info` of ``cache`` (default: :data:`DEFAULT_CACHE`; an installed
+    model's cache is :func:`attnmask.mask_cache`)."""
+    return (cache or DEFAULT_CACHE).info()
 
 
-def cache_info() -> dict[str, int]:
-    """Size of the mask cache (for tests and debugging)."""
-    return {"entries": len(_cache), "max_entries": _CACHE_SIZE, "bytes": _cache_bytes, "max_bytes": _CACHE_BYTES}
-
-
-def clear_cache() -> None:
-    """Drop every cached mask."""
-    global _cache_bytes
-    with _cache_lock:
-        _cache.clear()
-        _cache_bytes = 0
+def clear_cache(cache: Optional[MaskCache] = None) -> None:
+    """Drop every mask of ``cache`` (default: :data:`DEFAULT_CACHE`)."""
+    (cache or DEFAULT_CACHE).clear()

@@ -205,7 +205,9 @@ class LayerPlan:
             prefix=self.prefix,
             positions=positions,
             mode=self.mode,
-            layer=self.layer,
+            # The layer index is for recording tools, which do not run compiled; read while
+            # torch.compile traces, it would make each layer's code a recompilation.
+            layer=None if torch.compiler.is_compiling() else self.layer,
             cache=self.cache,
         )
         if mask.heads and mask.covers_grid:

@@ -94,13 +94,39 @@ def test_forbidden_is_the_negated_per_head_mask_and_cached(geometry):
     assert torch.equal(out[~out.isneginf()], logits[~out.isneginf()])
 
 
-def test_cache_is_bounded_in_bytes(monkeypatch):
-    masks.clear_cache()
-    monkeypatch.setattr(masks, "_CACHE_BYTES", 3 * 400 * 4)  # room for three 20 x 20 fp32 masks
+def test_cache_is_bounded_in_bytes():
+    cache = masks.MaskCache(max_bytes=3 * 400 * 4)  # room for three 20 x 20 fp32 masks
     for side in range(1, 8):
-        masks.cached(("test-bytes", side), lambda: torch.zeros(20, 20))
-    info = masks.cache_info()
-    assert info["entries"] == 3 and info["bytes"] == 3 * 1600
-    assert masks.cached(("test-bytes", 7), lambda: None) is not None  # the newest stay
+        cache.get(("test-bytes", side), lambda: torch.zeros(20, 20))
+    info = cache.info()
+    assert info["entries"] == 3 and info["bytes"] == 3 * 1600 and info["peak_bytes"] == 3 * 1600
+    assert cache.get(("test-bytes", 7), lambda: None) is not None  # the newest stay
+    assert cache.get(("test-bytes", 1), lambda: None) is None  # the oldest went
+    too_big = torch.zeros(40, 40)  # 6400 bytes: more than the whole bound
+    assert cache.get(("test-bytes", "big"), lambda: too_big) is too_big
+    assert cache.info()["bytes"] == 3 * 1600  # returned, not kept
+    cache.clear()
+    assert cache.info()["bytes"] == 0 and cache.info()["peak_bytes"] == 3 * 1600
+
+
+def test_masks_go_to_their_own_cache():
+    own = masks.MaskCache()
     masks.clear_cache()
-    assert masks.cache_info()["bytes"] == 0
+    mask = LocalMask((4, 6), (3, 3), 1, 4, (0, 1), cache=own)
+    mask.additive_mask()
+    mask.forbidden()
+    assert own.info()["entries"] == 3  # window, additive (built from the window), forbidden
+    assert masks.cache_info()["entries"] == 0
+    assert mask == LocalMask((4, 6), (3, 3), 1, 4, (0, 1))  # the cache is not part of the geometry
+
+
+def test_cache_copies_are_new_and_empty():
+    import copy
+    import pickle
+
+    cache = masks.MaskCache(max_bytes=1 << 20)
+    cache.get(("x",), lambda: torch.zeros(4))
+    for copied in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert copied is not cache and copied.id != cache.id
+        assert copied.info()["entries"] == 0 and copied.max_bytes == 1 << 20
+        assert masks.cache_by_id(copied.id) is copied

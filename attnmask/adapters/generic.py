@@ -234,7 +234,7 @@ class SiteState:
         if torch.compiler.is_compiling():
             return build()
         key = ("pooled", qg.grid, kg.grid, qg.prefix, kg.prefix, plan.window, plan.prefix, self.num_heads, plan.heads, torch.device(device))
-        return cached(key, build)
+        return cached(key, build, plan.cache)
 
     def _pooled_bias(self, qg: TokenGeometry, kg: TokenGeometry, host, q4) -> torch.Tensor:
         return combine_masks(host, self._pooled_heads(qg, kg, q4.device)[None], q4.dtype)

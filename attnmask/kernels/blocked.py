@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..masks import LocalMask, cached
+from ..masks import LocalMask, cache_by_id
 from .capabilities import Backend, Capabilities, Measured
 from .common import split_heads_into
 from .sdpa import sdpa_attention
@@ -181,32 +181,35 @@ def blocking(mask: LocalMask, block: Block, device: torch.device) -> Blocking:
     """:func:`build_blocking`, cached per (geometry, block, device). Under ``torch.compile``
     the lookup runs once, at trace time, and its tensors become constants of the graph: a
     compiled forward builds nothing."""
-    return Blocking(*_cached_tensors(mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block, str(device), None))
+    return Blocking(*_cached_tensors(mask.store.id, mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block, str(device), None))
 
 
 def additive_window(mask: LocalMask, block: Block, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The block-space window as an additive mask in ``dtype`` (0 / ``-inf``), cached like
     :func:`blocking`."""
-    return _cached_tensors(mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block, str(device), dtype)[0]
+    return _cached_tensors(mask.store.id, mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block, str(device), dtype)[0]
 
 
 @torch._dynamo.assume_constant_result
 def _cached_tensors(
+    cache_id: int,
     grid: Block, window: Block, prefix_tokens: int, prefix: str, block: Block, device: str, dtype: Optional[torch.dtype]
 ) -> tuple[torch.Tensor, ...]:
     """The tensors of a :class:`Blocking` (``dtype=None``) or its additive window (one
-    tensor), from the shared mask cache. Arguments are plain constants so that dynamo can
-    run this at trace time (``assume_constant_result``) instead of tracing the cache."""
+    tensor), from the mask cache with id ``cache_id`` (the installation's). Arguments are
+    plain constants so that dynamo can run this at trace time (``assume_constant_result``)
+    instead of tracing the cache."""
+    cache = cache_by_id(cache_id)
     geometry = LocalMask(grid, window, prefix_tokens, 1, (0,), prefix)
     place = torch.device(device)
-    layout = cached(("blocked", grid, window, prefix_tokens, prefix, block, place), lambda: build_blocking(geometry, block, place))
+    layout = cache.get(("blocked", grid, window, prefix_tokens, prefix, block, place), lambda: build_blocking(geometry, block, place))
     if dtype is None:
         return (layout.queries, layout.keys, layout.owner, layout.allowed)
 
     def build() -> torch.Tensor:
         return torch.zeros(layout.allowed.shape, dtype=dtype, device=place).masked_fill(~layout.allowed, float("-inf"))
 
-    return (cached(("blocked-additive", grid, window, prefix_tokens, prefix, block, dtype, place), build),)
+    return (cache.get(("blocked-additive", grid, window, prefix_tokens, prefix, block, dtype, place), build),)
 
 
 def blocked_attention(

@@ -38,7 +38,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention as _flex_attention
 
-from ..masks import LocalMask, MaskMod, at_positions, cached
+from ..masks import LocalMask, MaskMod, at_positions, cache_by_id
 from .capabilities import Backend, Capabilities, Measured
 from .common import split_heads
 
@@ -227,14 +227,27 @@ def token_order(
     own order. Cached per (grid, prefix tokens, block size, device)."""
     if order == "rows" or mask.positions is not None:
         return None
+    if torch.compiler.is_compiling():
+        return _constant_order(mask.store.id, mask.grid, mask.prefix_tokens, block_size, str(device))
+    return _cached_order(mask, block_size, device)
 
+
+def _cached_order(mask: LocalMask, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     def build() -> tuple[torch.Tensor, torch.Tensor]:
         perm = tile_order(mask.grid, mask.prefix_tokens, _TILE[block_size]).to(device)
         return perm, inverse(perm)
 
-    if torch.compiler.is_compiling():
-        return build()
-    return cached(("flex-order", mask.grid, mask.prefix_tokens, block_size, device), build)
+    return mask.store.get(("flex-order", mask.grid, mask.prefix_tokens, block_size, device), build)
+
+
+@torch._dynamo.assume_constant_result
+def _constant_order(
+    cache_id: int, grid: tuple[int, int], prefix_tokens: int, block_size: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_cached_order` from constants, run by dynamo at trace time (its result is a
+    constant of the compiled graph)."""
+    geometry = LocalMask(grid, (1, 1), prefix_tokens, 1, (0,), cache=cache_by_id(cache_id))
+    return _cached_order(geometry, block_size, torch.device(device))
 
 
 def block_mask(
@@ -242,25 +255,62 @@ def block_mask(
 ) -> BlockMask:
     """The FlexAttention block mask of a masked head (shared by all masked heads and samples).
 
-    Cached per (geometry, block size, order, device); built per call for per-sample
-    ``positions`` and inside compiled regions. ``perm`` is the token order of ``order``
+    Cached per (geometry, block size, order, device) in the mask's cache; built per call for
+    per-sample ``positions``. Inside compiled regions the cached block tensors are constants
+    of the graph. ``perm`` is the token order of ``order``
     (from :func:`token_order`), ``None`` for the host's order.
     """
     num_tokens = mask.num_tokens
     if mask.positions is not None:
         mask_mod = window_mod(mask, device)
         return create_block_mask(mask_mod, int(mask.positions.shape[0]), None, num_tokens, num_tokens, device, block_size)
+    if torch.compiler.is_compiling():
+        # The block-level tensors are looked up once, at trace time, and are constants of the
+        # graph; only the (blocks x blocks) transposes of from_kv_blocks run per forward.
+        kv_blocks = _constant_kv_blocks(
+            mask.store.id, mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block_size, order, str(device)
+        )
+        return BlockMask.from_kv_blocks(
+            *kv_blocks, BLOCK_SIZE=block_size, mask_mod=_order_mod(mask, perm), seq_lengths=(num_tokens, num_tokens)
+        )
+    return _cached_block_mask(mask, block_size, order, device, perm)
+
+
+def _order_mod(mask: LocalMask, perm: Optional[torch.Tensor]) -> MaskMod:
+    mask_mod: MaskMod = mask.window_mod()
+    return mask_mod if perm is None else _permuted(mask_mod, perm)
+
+
+def _cached_block_mask(
+    mask: LocalMask, block_size: int, order: str, device: torch.device, perm: Optional[torch.Tensor]
+) -> BlockMask:
+    num_tokens = mask.num_tokens
 
     def build() -> BlockMask:
-        mask_mod: MaskMod = mask.window_mod()
-        if perm is not None:
-            mask_mod = _permuted(mask_mod, perm)
-        return create_block_mask(mask_mod, None, None, num_tokens, num_tokens, device, block_size)
+        return create_block_mask(_order_mod(mask, perm), None, None, num_tokens, num_tokens, device, block_size)
 
-    if torch.compiler.is_compiling():
-        return build()
     key = ("flex-blocks", mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block_size, order, device)
-    return cached(key, build)
+    return mask.store.get(key, build)
+
+
+@torch._dynamo.assume_constant_result
+def _constant_kv_blocks(
+    cache_id: int,
+    grid: tuple[int, int],
+    window: tuple[int, int],
+    prefix_tokens: int,
+    prefix: str,
+    block_size: int,
+    order: str,
+    device: str,
+) -> tuple[torch.Tensor, ...]:
+    """The key-side tensors of :func:`_cached_block_mask`'s block mask, from constants (run
+    by dynamo at trace time; the result is a constant of the compiled graph)."""
+    place = torch.device(device)
+    geometry = LocalMask(grid, window, prefix_tokens, 1, (0,), prefix, cache=cache_by_id(cache_id))
+    orders = None if order == "rows" else _cached_order(geometry, block_size, place)
+    blocks = _cached_block_mask(geometry, block_size, order, place, None if orders is None else orders[0])
+    return blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices
 
 
 def window_mod(mask: LocalMask, device: torch.device) -> MaskMod:
