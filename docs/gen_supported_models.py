@@ -42,7 +42,9 @@ Before patching, `attnmask.inspect(model)` lists what attnmask finds, layer by l
 why a layer is refused:
 
 ```python
-import attnmask
+import attnmask, timm
+
+model = timm.create_model("vit_small_patch16_224")   # or any model you want to patch
 print(attnmask.inspect(model))
 for family in attnmask.supported():
     print(family["family"], family["tested"])
