@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from ..adapters import find_adapter
-from ..api import get_spec
+from ..api import get_spec, unwrap
 from ..spec import Heads, check_mode, check_prefix, normalize_window
 from . import hf_io, timm_io
 from .apply import apply_saved
@@ -34,6 +34,20 @@ def host_of(family: str) -> str:
         f"attnmask.save_pretrained saves Hugging Face transformers and timm models, not {family} models "
         "(they have no Hub folder format): save model.state_dict() and attnmask.get_spec(model).to_dict() instead"
     )
+
+
+def unwrap_trained(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` and data-parallel wrappers (``DistributedDataParallel``,
+    ``DataParallel``), in any order: what a training loop holds is not what the host library saves."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        inner = unwrap(model)
+        if isinstance(inner, (DataParallel, DistributedDataParallel)):
+            inner = inner.module
+        if inner is model:
+            return model
+        model = inner
 
 
 def check_source(src: Source, **overrides: Any) -> tuple[ModuleType, nn.Module]:
@@ -86,7 +100,8 @@ def save_pretrained(
     into place when complete: a failure leaves nothing behind.
 
     Args:
-        model: A model patched by :func:`attnmask.apply`.
+        model: A model patched by :func:`attnmask.apply` (or that model inside ``torch.compile``,
+            ``DistributedDataParallel`` or ``DataParallel``: the model inside is saved).
         save_directory: The folder to write.
         overwrite: Replace ``save_directory`` if it exists (only a model folder, one with a
             ``config.json``, or an empty folder is replaced).
@@ -112,6 +127,7 @@ def save_pretrained(
         TypeError: ``model`` is not a transformers or timm model.
         FileExistsError: ``save_directory`` exists and ``overwrite`` is false.
     """
+    model = unwrap_trained(model)
     spec = get_spec(model)
     if spec is None:
         raise ValueError(
