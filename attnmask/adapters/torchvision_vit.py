@@ -111,12 +111,12 @@ def _owned_blocks(model: nn.Module) -> dict[int, tuple[int, int]]:
 
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, EncoderBlock]]:
-    """``(name of the attention module, its block)`` for every EncoderBlock, in module order."""
+    """``(name of the attention module, its block)`` for every EncoderBlock whose attention is
+    an ``nn.MultiheadAttention`` (or a subclass: the adapter patches or refuses it), in module order."""
     return [
         (f"{name}.self_attention" if name else "self_attention", block)
         for name, block in model.named_modules()
-        if isinstance(block, EncoderBlock)
-        and type(block.self_attention) in (nn.MultiheadAttention, MaskedMultiheadAttention)
+        if isinstance(block, EncoderBlock) and isinstance(block.self_attention, nn.MultiheadAttention)
     ]
 
 
@@ -126,7 +126,7 @@ class TorchvisionViTAdapter(ClassSwapAdapter):
     name = "torchvision.vit"
     masked = {nn.MultiheadAttention: MaskedMultiheadAttention}
 
-    def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    def candidates(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The ``self_attention`` of every ``EncoderBlock`` (other MHA modules are left alone)."""
         return [(name, block.self_attention) for name, block in _attention_modules(model)]
 
