@@ -126,3 +126,47 @@ def test_checkpoint_from_rank0_reloads_masked(launched: Path, phase: str) -> Non
     _, unmasked = attention_outputs(attnmask.remove(model), probe())
     moved = (unmasked[0] - layers[0]).abs().max().item()
     assert moved > 1e-3, f"{phase}: the reloaded masks do not change the first attention layer (max diff {moved:.2e})"
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A process group of this process alone (gloo) and its 1-device CPU mesh, for FSDP2 in-process."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module.*returned a view tensor")  # timm's own Attention too
+def test_remove_and_reapply_where_fully_shard_wraps_attention(one_rank_mesh) -> None:
+    """``fully_shard`` on a masked attention module swaps its class to ``FSDP<MaskedAttention>``:
+    ``remove`` must still give the host's attention back (still sharded), and ``apply`` mask it again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from attnmask.adapters.timm_vit import MaskedAttention
+
+    plain_logits, _ = attention_outputs(build(masked=False), probe())
+    model = build()
+    masked_logits, _ = attention_outputs(model, probe())
+    for block in model.blocks:
+        fully_shard(block.attn, mesh=one_rank_mesh)
+        fully_shard(block, mesh=one_rank_mesh)
+    fully_shard(model, mesh=one_rank_mesh)
+    torch.testing.assert_close(attention_outputs(model, probe())[0], masked_logits, atol=1e-6, rtol=1e-5)
+
+    attnmask.remove(model)
+    assert not attnmask.is_patched(model)
+    for block in model.blocks:
+        assert isinstance(block.attn, FSDPModule), "remove dropped fully_shard's wrapper class"
+        assert not isinstance(block.attn, MaskedAttention), f"remove left {type(block.attn).__name__} in place"
+    torch.testing.assert_close(attention_outputs(model, probe())[0], plain_logits, atol=1e-6, rtol=1e-5)
+
+    attnmask.apply(model, heads=HEADS, window=WINDOW)
+    assert all(isinstance(block.attn, FSDPModule) for block in model.blocks)
+    torch.testing.assert_close(attention_outputs(model, probe())[0], masked_logits, atol=1e-6, rtol=1e-5)
+    train(model)  # and it still trains (gradients reach the sharded parameters)

@@ -89,6 +89,25 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+_REWRAPPED: dict[tuple[type, type], type] = {}
+
+
+def rewrapped(wrapper: type, inner: type, replacement: type) -> type:
+    """``wrapper``, a class some library derived at run time from ``inner``, rebuilt around
+    ``replacement`` instead (``FSDPMaskedAttention(FSDPModule, MaskedAttention)`` ->
+    ``FSDPAttention(FSDPModule, Attention)``): same namespace, ``inner`` replaced in its bases.
+    Created once per pair, so patching and unpatching again makes no new classes."""
+    with _DERIVED_LOCK:
+        cls = _REWRAPPED.get((wrapper, replacement))
+        if cls is None:
+            bases = tuple(replacement if base is inner else base for base in wrapper.__bases__)
+            namespace = {k: v for k, v in vars(wrapper).items() if k not in ("__dict__", "__weakref__")}
+            name = wrapper.__name__.replace(inner.__name__, replacement.__name__)
+            cls = type(name, bases, {**namespace, "__qualname__": name})
+            _REWRAPPED[(wrapper, replacement)] = cls
+        return cls
+
+
 class ClassSwapAdapter(Adapter):
     """Base of the adapters that swap attention modules' classes to masked subclasses."""
 
@@ -105,11 +124,19 @@ class ClassSwapAdapter(Adapter):
 
     def original_class(self, cls: type) -> Optional[type]:
         """The class a patched module had before (``None`` if ``cls`` is not a masked class of
-        this adapter)."""
+        this adapter). A wrapper class made at run time around a masked class (FSDP2's
+        ``fully_shard`` swaps a module's class to ``FSDP<Class>(FSDPModule, Class)``) gives the
+        same wrapper around the original class (:func:`rewrapped`), so the module stays wrapped."""
         original = cls.__dict__.get("_attnmask_original")
         if original is not None and any(base in self.hosts() for base in cls.__bases__):
             return original
-        return self.hosts().get(cls)
+        if cls in self.hosts():
+            return self.hosts()[cls]
+        for base in cls.__bases__:
+            inner = self.original_class(base) if base is not object else None
+            if inner is not None:
+                return rewrapped(cls, base, inner)
+        return None
 
     def host_of(self, cls: type) -> Optional[type]:
         """The host class ``cls`` is or derives from (nearest in its MRO), ``None`` if none.
