@@ -133,7 +133,7 @@ def run_ddp(out: Path, rank: int, world: int) -> None:
     ddp = DDP(model)  # masks were applied before wrapping: DDP sees the unchanged parameters
     train(ddp, rank, world)
     trained = {name: t.detach().clone() for name, t in ddp.module.state_dict().items()}
-    check_ranks_agree(attnmask.get_spec(ddp.module), trained, "ddp")
+    check_ranks_agree(attnmask.get_spec(ddp), trained, "ddp")  # seen through the wrapper
     logits = check_rank(ddp, trained, probe(), "ddp")
     if rank == 0:
         attnmask.save_pretrained(ddp.module, out / "ddp", model_args=MODEL_ARGS)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,12 +65,15 @@ def launched(tmp_path_factory) -> Path:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(HERE / "dist_train_worker.py"), str(out), *PHASES,
     ]  # fmt: skip
+    # A session of its own, so that a hung launch is ended with its workers, not just the launcher.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True)
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired as error:
-        stderr = error.stderr.decode() if isinstance(error.stderr, bytes) else error.stderr or ""
+        _, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
         pytest.fail(f"the 2-process launch did not finish in {LAUNCH_TIMEOUT} s:\n{worker_errors(stderr)}")
-    assert proc.returncode == 0, f"the workers failed (exit {proc.returncode}):\n{worker_errors(proc.stderr)}"
+    assert proc.returncode == 0, f"the workers failed (exit {proc.returncode}):\n{worker_errors(stderr)}"
     return out
 
 
