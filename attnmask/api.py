@@ -166,11 +166,17 @@ def apply(
         mode=mode,
     )
     checkpoint = _checkpoint(model)
+    previous = get_spec(model)
+    undo = [adapter.snapshot(model)]
+    if previous is not None and previous.family != adapter.name:
+        undo.append(adapter_named(previous.family).snapshot(model))
     try:
         remove(model)
         _install(model, adapter, sites, spec, resolved_backend)
     except BaseException:
         _restore(model, checkpoint)
+        for restore in undo:  # e.g. transformers configs' attention implementation
+            restore()
         raise
     return wrapper
 

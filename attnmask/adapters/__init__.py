@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from torch import nn
 
@@ -69,6 +69,12 @@ class Adapter:
     def grid(self, model: nn.Module) -> Optional[tuple[int, int]]:
         """The patch grid of the model's latest (or default) input, for reports."""
         return None
+
+    def snapshot(self, model: nn.Module) -> Callable[[], None]:
+        """What patching changes outside the modules' classes, attributes and hooks (which
+        :func:`attnmask.apply` saves itself), as a function that puts it back exactly; a failing
+        ``apply`` calls it. Default: nothing."""
+        return lambda: None
 
     def prefix_tokens(self, model: nn.Module) -> int:
         """Tokens before the patches in the attention layers' sequences, for reports."""

@@ -39,7 +39,9 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..kernels import get_kernel
+from ..kernels.common import explicit_probs
 from ..masks import combine_masks
+from ..hub.saved import SAVED_IMPLEMENTATION
 from ..spec import LayerPlan
 from . import Adapter, Site
 from .layouts import KeptPatches, PatchLayout, WindowLayout, pair
@@ -72,7 +74,7 @@ def attnmask_attention(
     scaling: Optional[float] = None,
     dropout: float = 0.0,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """transformers attention function: the layer's masked heads are local.
 
     Args:
@@ -86,11 +88,16 @@ def attnmask_attention(
         dropout: Attention dropout probability (already 0 in eval mode).
 
     Returns:
-        ``(output (B, N, H, Dv), None)``, as transformers' SDPA function returns.
+        ``(output (B, N, H, Dv), None)``, as transformers' SDPA function returns; when the
+        caller asked for attention weights (``output_attentions=True``), ``(output, weights
+        (B, H, N, N))``: masked layers compute their masked probabilities explicitly (zero
+        outside a masked head's window) and unmasked layers run the model's eager attention.
     """
     plan: Optional[LayerPlan] = module.__dict__.get("_attnmask_plan")
+    weights_wanted = _attentions_requested(kwargs)
     if plan is None:
-        return _fallback(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        fallback = _eager(module) if weights_wanted else _fallback(module)
+        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         attention_mask = position_bias if attention_mask is None else attention_mask + position_bias
@@ -103,6 +110,9 @@ def attnmask_attention(
         if plan.mode != "hard":
             raise ValueError(f"attnmask: a layer with pooled keys accepts mode='hard' only, not {plan.mode!r}")
         bias = layout.pooled_bias(plan, query, key, attention_mask)
+        if weights_wanted:
+            everywhere = torch.ones((), dtype=torch.bool, device=query.device)
+            return _explicit(module, query, key, value, everywhere, "hard", bias, scaling, dropout)
         out = layout.recorded(query, key, value, bias, scaling)
         if out is None:
             # SDPA itself, whatever the model ran before: eager code would add a boolean mask as
@@ -110,11 +120,47 @@ def attnmask_attention(
             out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
     mask = layout.mask(plan, query.shape[0], query.shape[2])
+    if weights_wanted:
+        return _explicit(module, query, key, value, mask.dense(query.device), plan.mode, attention_mask, scaling, dropout)
     out = get_kernel(plan.backend)(query, key, value, mask, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
+def _attentions_requested(kwargs: dict) -> bool:
+    """Whether the caller asked for attention weights (``output_attentions=True``, passed down
+    as a keyword, or recorded by transformers' output capturing from the config)."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # another transformers release: the keyword is what it passes
+        return False
+    try:
+        collected = _active_collector.get()
+    except LookupError:
+        return False
+    return isinstance(collected, dict) and "attentions" in collected
+
+
+def _eager(module: nn.Module) -> Callable:
+    """The module's own eager attention function (it returns the attention weights)."""
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None) or _fallback(module)
+
+
+def _explicit(module, query, key, value, allowed, mode, host, scaling, dropout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention with an explicit softmax, returning the masked probabilities too (as
+    transformers' eager attention does for ``output_attentions=True``): zero outside the window
+    of a masked head, rows summing to 1."""
+    probs = explicit_probs(query, key, allowed, mode, host, scaling).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value)
+    return out.transpose(1, 2).contiguous(), probs
+
+
 AttentionInterface.register(ATTN_NAME, attnmask_attention)
+# Also the name saved folders select (attnmask.hub.hooks registers it too, but its hook may run
+# while this module is still being imported, when transformers is first imported from here).
+AttentionInterface.register(SAVED_IMPLEMENTATION, attnmask_attention)
 
 
 @dataclass(frozen=True)
@@ -153,23 +199,39 @@ class HFAdapter(Adapter):
         self._modules = _modeling_modules(family.models)
 
     # -- finding the layers -------------------------------------------------------------
+    def _family_class(self, cls: type) -> bool:
+        if not self.family.models:
+            return cls.__module__.startswith("transformers.models.")
+        return cls.__module__ in self._modules and cls.__name__.endswith("Attention")
+
+    def _host_class(self, cls: type) -> Optional[type]:
+        """The class of this family ``cls`` is or derives from (a user subclass of a
+        transformers attention class counts as that class), ``None`` if none."""
+        return next((c for c in cls.__mro__ if self._family_class(c)), None)
+
     def _is_attention(self, module: nn.Module) -> bool:
         """An attention module of this family that dispatches through ``ALL_ATTENTION_FUNCTIONS``
         (read from its forward's code: a module computing attention itself would silently
         ignore the registered function)."""
-        cls = type(module)
+        host = self._host_class(type(module))
+        if host is None or not _dispatches(host) or not _dispatches(type(module)):
+            return False
         if not self.family.models:
-            return (
-                cls.__module__.startswith("transformers.models.")
-                and _describes_images(getattr(module, "config", None))
-                and "ALL_ATTENTION_FUNCTIONS" in getattr(getattr(cls.forward, "__code__", None), "co_names", ())
-            )
-        return (
-            cls.__module__ in self._modules
-            and cls.__name__.endswith("Attention")
-            and hasattr(module, "config")
-            and "ALL_ATTENTION_FUNCTIONS" in getattr(getattr(cls.forward, "__code__", None), "co_names", ())
-        )
+            return _describes_images(getattr(module, "config", None))
+        return hasattr(module, "config")
+
+    def _overriding(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Subclasses of a dispatching attention class of this family whose own forward does
+        not dispatch (it would ignore the registered function): refused by name."""
+        return [
+            (n, m)
+            for n, m in model.named_modules()
+            if (host := self._host_class(type(m))) is not None
+            and host is not type(m)
+            and _dispatches(host)
+            and not _dispatches(type(m))
+            and hasattr(m, "config")
+        ]
 
     def _attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         found = [(n, m) for n, m in model.named_modules() if self._is_attention(m)]
@@ -208,6 +270,17 @@ class HFAdapter(Adapter):
         return any(takes_spatial_shapes(m) for m in model.modules())
 
     def sites(self, model: nn.Module) -> list[Site]:
+        refused = self._overriding(model)
+        if refused:
+            name, module = refused[0]
+            cls, host = type(module), self._host_class(type(module))
+            raise TypeError(
+                f"attnmask cannot patch {len(refused)} attention layer(s) of {type(model).__name__} "
+                f"({', '.join(n for n, _ in refused[:3])}{', ...' if len(refused) > 3 else ''}): "
+                f"{cls.__module__}.{cls.__qualname__} subclasses {host.__module__}.{host.__qualname__} but its forward "
+                "does not dispatch through transformers' attention interface (ALL_ATTENTION_FUNCTIONS), so the masks "
+                "would be silently ignored there. Keep the host's forward (or call the attention interface from yours)"
+            )
         sites = []
         for i, (name, module) in enumerate(self._attention_modules(model)):
             heads = getattr(module, "num_attention_heads", None) or getattr(module, "num_heads", None)
@@ -289,6 +362,20 @@ class HFAdapter(Adapter):
             _restore_configs(saved)
             raise
 
+    def snapshot(self, model: nn.Module) -> Callable[[], None]:
+        """Every config reachable from ``model`` (its own, each module's, their sub-configs) with
+        its attention implementation exactly as stored, to put back after a failing ``apply``."""
+        saved = [(config, config.__dict__.get("_attn_implementation_internal", _MISSING)) for config in _configs(model)]
+
+        def restore() -> None:
+            for config, value in saved:
+                if value is _MISSING:
+                    config.__dict__.pop("_attn_implementation_internal", None)
+                else:
+                    config.__dict__["_attn_implementation_internal"] = value
+
+        return restore
+
     def uninstall(self, model: nn.Module, names: Sequence[str]) -> None:
         _restore_configs(model.__dict__.pop(_CONFIGS, []))
         for module in model.modules():
@@ -347,6 +434,11 @@ class HFAdapter(Adapter):
         return notes
 
 
+def _dispatches(cls: type) -> bool:
+    """Whether ``cls.forward`` calls the attention function the config selects."""
+    return "ALL_ATTENTION_FUNCTIONS" in getattr(getattr(cls.forward, "__code__", None), "co_names", ())
+
+
 def _describes_images(config) -> bool:
     """A config of a model that cuts images into patches: an image size or a number of image
     channels, and a patch size (or per-stage patch sizes)."""
@@ -355,6 +447,22 @@ def _describes_images(config) -> bool:
     sees_images = getattr(config, "image_size", None) is not None or getattr(config, "num_channels", None) is not None
     has_patches = getattr(config, "patch_size", None) is not None or getattr(config, "patch_sizes", None) is not None
     return sees_images and has_patches
+
+
+_MISSING = object()
+
+
+def _configs(model: nn.Module) -> list:
+    """Every distinct config object of ``model`` and its modules, sub-configs included."""
+    found: dict[int, object] = {}
+    pending = [getattr(m, "config", None) for m in model.modules()]
+    while pending:
+        config = pending.pop()
+        if config is None or id(config) in found or not hasattr(config, "_attn_implementation"):
+            continue
+        found[id(config)] = config
+        pending.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})
+    return list(found.values())
 
 
 def _restore_configs(saved) -> None:

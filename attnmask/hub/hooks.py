@@ -5,7 +5,8 @@
 once if it already was, so import order does not matter and ``import attnmask`` itself never
 imports transformers. The hook
 
-1. registers attnmask's attention function (importing :mod:`attnmask.adapters.hf`) under
+1. registers attnmask's attention function (importing :mod:`attnmask.adapters.hf`, which
+   registers it) under
    ``"attnmask"`` and under :data:`~attnmask.hub.saved.SAVED_IMPLEMENTATION`, the name a saved
    folder's ``config.json`` selects, so transformers accepts that folder's config;
 2. wraps ``PreTrainedModel.from_pretrained`` (every model class and ``AutoModel*`` go through
@@ -59,10 +60,13 @@ def on_transformers(modeling_utils: Any) -> None:
 def _install(modeling_utils: Any) -> None:
     import wrapt
 
-    from ..adapters import hf
-    from .saved import SAVED_IMPLEMENTATION
+    import importlib
 
-    hf.AttentionInterface.register(SAVED_IMPLEMENTATION, hf.attnmask_attention)
+    # Importing the adapter registers attnmask's attention function under "attnmask" and under
+    # SAVED_IMPLEMENTATION. When transformers is first imported *from* that module, this hook
+    # runs while it is half-imported: the import returns it as is and it registers both names
+    # itself once its function is defined.
+    importlib.import_module("attnmask.adapters.hf")
     if not getattr(modeling_utils, _HOOKED, False):
         wrapt.wrap_function_wrapper(modeling_utils, "PreTrainedModel.from_pretrained", _from_pretrained)
         setattr(modeling_utils, _HOOKED, True)
