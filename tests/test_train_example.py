@@ -21,7 +21,7 @@ pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
 
 CLASSES = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
-MODEL = ["vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "depth=3"]
+MODEL = ["vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "depth=3", "embed_dim=48", "mlp_ratio=2"]
 MASKS = ["--mask-heads", "mait", "--window", "3"]
 RUN = ["--epochs", "2", "--batch-size", "8", "--workers", "0", "--lr", "1e-3", "--warmup-steps", "2", "--seed", "3"]
 
@@ -80,7 +80,9 @@ def independent_top1(model, folder, data_config):
             pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)
             image = (pixels.permute(2, 0, 1) - mean) / std  # 32 x 32 images: resize and crop leave them as they are
             with torch.no_grad():
-                correct += int(model(image[None]).argmax(1).item() == label)
+                output = model(image[None])
+            logits = output if isinstance(output, torch.Tensor) else output.logits  # transformers: an output object
+            correct += int(logits.argmax(1).item() == label)
             total += 1
     return correct / total
 
@@ -115,6 +117,24 @@ def test_train_checkpoint_resume(script, data, tmp_path, capsys):
     assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run's by {worst}"
     assert resumed["top1"] == straight["top1"]
     assert attnmask.get_spec(attnmask.from_pretrained(tmp_path / "resumed" / "last")) == spec
+
+
+def test_hugging_face_folder(script, data, tmp_path):
+    """A transformers backbone folder gets a classifier for the folder's classes and the masks asked for."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96
+    )
+    transformers.ViTModel(config).save_pretrained(tmp_path / "backbone")
+    argv = [str(tmp_path / "backbone"), "--mask-heads", "0,2", "--window", "3", "--mode", "soft", "--train-dir", str(data / "train"),
+            "--val-dir", str(data / "val"), *RUN, "--stop-after", "1", "--output", str(tmp_path / "run")]  # fmt: skip
+    assert script.main(argv) == 0
+    model = attnmask.from_pretrained(tmp_path / "run" / "last")
+    spec = attnmask.get_spec(model)
+    assert type(model).__name__ == "ViTForImageClassification" and model.config.id2label == dict(enumerate(sorted(CLASSES)))
+    assert spec.heads == ((0, 2),) * 3 and spec.mode == "soft"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["top1"] == pytest.approx(independent_top1(model, data / "val", metrics["data"]))
 
 
 @pytest.mark.parametrize(
