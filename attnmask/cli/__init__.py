@@ -13,10 +13,58 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
+import sys
+import warnings
 from typing import Any
 
 COMMANDS = ("demo", "bench", "convert", "inspect")
 """Command modules under :mod:`attnmask.cli`, in the order ``--help`` lists them."""
+
+
+def quiet_host() -> None:
+    """Keep host libraries' chatter out of command output: Hugging Face progress bars (Hub
+    downloads, transformers' "Loading weights") and torch's notices that this machine has no
+    CUDA runtime or driver (a CPU machine is a normal place to run attnmask). Errors, and
+    every other warning (attnmask's included), still show. Commands call it first."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+    for name in ("huggingface_hub", "transformers"):
+        if name in sys.modules:  # imported already: switch the bars off directly
+            _disable_bars(name)
+    warnings.filterwarnings("ignore", message=r"CUDA initialization", category=UserWarning)
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_NO_CUDA_RUNTIME)  # added once, however often called
+    warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr (``UserWarning: ...``), without the source line of the
+    library code that raised them."""
+    print(f"{category.__name__}: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
+class _NoCudaRuntime(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." notice, nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+_NO_CUDA_RUNTIME = _NoCudaRuntime()
+
+
+def _disable_bars(name: str) -> None:
+    try:
+        if name == "huggingface_hub":
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        else:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+    except (ImportError, AttributeError):  # pragma: no cover - older host versions
+        pass
 
 
 def parse_heads(text: str) -> Any:
