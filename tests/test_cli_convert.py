@@ -68,6 +68,10 @@ def test_convert_hf_folder_then_inspect(sources, tmp_path):
     assert result.returncode == 0, result.stderr
     for step in ("Reading", "Checking transformers vit", "Loading weights from", "Writing"):
         assert step in result.stderr
+    assert "it/s]" not in result.stderr and "No CUDA runtime" not in result.stderr  # no host progress bars or notices
+    card = (out / "README.md").read_text()
+    assert str(tmp_path) not in card and str(sources["hf-vit"].parent) not in card  # folder names only
+    assert 'attnmask.from_pretrained("vit-local")' in card
     assert "vit.layers.1.attention" in result.stdout and "4/8 heads masked" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
     saved = json.loads((out / "config.json").read_text())["attnmask"]
@@ -180,6 +184,26 @@ def test_unsupported_architecture_status_1(sources, tmp_path, capsys):
     assert main(["inspect", str(sources["resnet"])]) == 1
     captured = capsys.readouterr()
     assert "supported:     no" in captured.out and "not supported" in one_line_error(captured.err, "inspect")
+    reason = one_line_error(captured.err, "inspect")
+    assert (captured.out + captured.err).count("no attention layers found") == 1  # the reason once, not twice
+    assert len(reason) < 400 and "attnmask.supported()" in reason and "docs/supported-models.md" in reason
+
+
+def test_inspect_pickle_only_folder_says_it_cannot_be_converted(sources, tmp_path, capsys):
+    source = Path(shutil.copytree(sources["timm-vit"], tmp_path / "src"))
+    (source / "model.safetensors").unlink()
+    (source / "pytorch_model.bin").write_bytes(b"not unpickled")  # loading it would fail: inspect must not
+    assert main(["inspect", str(source)]) == 0
+    text = capsys.readouterr().out
+    assert "supported:     yes" in text
+    line = next(line for line in text.splitlines() if line.startswith("convert:"))
+    assert "not possible" in line and "pytorch_model.bin" in line and "never unpickles" in line
+    assert "timm.models.save_for_hf(" in line and "safe_serialization=True" in line
+    assert main(["inspect", str(source), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["convertible"] is False and "safe_serialization=True" in info["convert_advice"]
+    assert main(["inspect", str(sources["timm-vit"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["convertible"] is True
 
 
 def test_convert_a_hub_repo_from_the_cache(sources, tmp_path, capsys, monkeypatch):

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from . import quiet_host
+
 
 def comma_list(convert: Callable[[str], Any], name: str) -> Callable[[str], tuple]:
     """An argparse type for ``a,b,c`` whose items go through ``convert``; ``""`` is empty."""
@@ -157,4 +159,5 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_host()
     return execute(args, "attnmask bench", args.json)

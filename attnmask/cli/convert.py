@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..spec import MODES
-from . import parse_heads, parse_window
+from . import parse_heads, parse_window, quiet_host
 
 DESCRIPTION = """\
 Convert a Hugging Face transformers or timm model to a masked model folder.
@@ -105,6 +105,7 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the conversion; return the exit status."""
+    quiet_host()
     try:
         convert(args, progress=lambda text: print(text, file=sys.stderr, flush=True))
     except UsageError as error:

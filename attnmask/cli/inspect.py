@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from . import quiet_host
+
 DESCRIPTION = """\
 Say whether attnmask supports a transformers or timm model, and describe its attention
 layers: adapter family, number of layers and heads, patch grid at the configured image size,
@@ -43,6 +45,7 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the report; return the exit status."""
+    quiet_host()
     try:
         from ..hub import inspect_source
 
@@ -50,11 +53,39 @@ def run(args: argparse.Namespace) -> int:
     except Exception as error:  # reported in one line, without a traceback
         print(f"attnmask inspect: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
+    info = {**info, **convert_status(info)}
     print(json.dumps(info, indent=2) if args.json else render(info))
-    if not info["supported"]:
+    if not info["supported"]:  # the reason once, on stderr (the report says "no")
         print(f"attnmask inspect: not supported: {info['reason']}", file=sys.stderr)
         return 1
     return 0
+
+
+RESAVE = {
+    "timm": "timm.models.save_for_hf(timm.create_model('local-dir:{folder}', pretrained=True), '{folder}', "
+    "safe_serialization=True) (or push_to_hf_hub(..., safe_serialization=True))",
+    "transformers": "AutoModel.from_pretrained('{folder}').save_pretrained('{folder}') (safetensors by default), "
+    "with the model's own class for a task model",
+}
+"""How to re-save a folder's pickled weights as safetensors, per host library."""
+
+
+def convert_status(info: dict[str, Any]) -> dict[str, Any]:
+    """``convertible`` (whether ``attnmask convert`` can read the weights; ``None`` for a Hub
+    source, whose weights are not looked at) and, when not, ``convert_advice``."""
+    weights = info.get("weights")
+    if weights is None or not weights.startswith("missing"):
+        return {"convertible": None if weights is None else bool(info["supported"])}
+    pickles = weights.partition("(")[2].partition(" only")[0] or "no weights file"
+    resave = RESAVE.get(info["library"], RESAVE["transformers"]).format(folder=info["folder"])
+    if "only" not in weights:
+        advice = f"attnmask convert needs model.safetensors, and {info['folder']} has no weights file"
+    else:
+        advice = (
+            f"attnmask convert cannot read {pickles}: it is a pickle, and attnmask never unpickles (loading a "
+            f"pickle can run code); if you trust the file, re-save it as safetensors: {resave}"
+        )
+    return {"convertible": False, "convert_advice": advice}
 
 
 def render(info: dict[str, Any]) -> str:
@@ -66,8 +97,10 @@ def render(info: dict[str, Any]) -> str:
     ]
     if info["weights"] is not None:
         lines.append(f"weights:       {info['weights']}")
+    if info.get("convert_advice"):
+        lines.append(f"convert:       not possible: {info['convert_advice']}")
     if not info["supported"]:
-        lines.append(f"supported:     no ({info['reason']})")
+        lines.append("supported:     no (reason on stderr)")
         return "\n".join(lines)
     layers = info["layers"]
     heads = sorted({row["num_heads"] for row in layers})
