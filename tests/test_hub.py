@@ -193,11 +193,12 @@ def test_model_card_states_the_masks_and_how_to_load(saved, tmp_path):
         "window: 3 x 3 patches",
         "prefix: global",
         "mode: hard",
-        f'attnmask.from_pretrained("{saved.folders["hf-vit"]}")',
+        f'attnmask.from_pretrained("{saved.folders["hf-vit"].name}")',
         "ViTForImageClassification.from_pretrained(",
         "pip install attnmask",
     ]:
         assert fragment in card, fragment
+    assert str(saved.folders["hf-vit"].parent) not in card  # a shared card names no local path
     timm_card = (saved.folders["timm-swin"] / "README.md").read_text()
     assert "layer 0: all 4 heads local" in timm_card and "layer 1: all 4 heads global" in timm_card
     assert "layer 2: heads 1, 2 of 8 local" in timm_card and 'timm.create_model("local-dir:' in timm_card

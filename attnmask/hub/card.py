@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import PurePath
 from typing import Optional
 
 from .saved import REPO_ID, SavedMasks
@@ -64,15 +66,22 @@ def render(saved: SavedMasks, library: str, architecture: str, name: str, base_m
         base_model: Where the weights came from, if known.
         on_hub: Whether ``name`` is a Hub repo id (else a local path).
     """
+    # A card is shared with the folder: local paths (the save folder, a local base model) appear
+    # by their folder name only, never as this machine's absolute path.
+    name = name if on_hub else folder_name(name)
+    base_model = public_name(base_model) if base_model else base_model
     front = ["---", f"library_name: {library}", "tags:", "- attnmask", "- locality-masked-attention", "- vision"]
     if base_model and REPO_ID.match(base_model):
         front.append(f"base_model: {base_model}")
     front.append("---")
     origin = f"`{base_model}`" if base_model else "A vision transformer"
+    config = saved.to_config()
+    if config.get("base_model"):
+        config["base_model"] = public_name(str(config["base_model"]))
     lines = [
         *front,
         "",
-        f"# {name.rstrip('/').split('/')[-1]}",
+        f"# {folder_name(name)}",
         "",
         f"{origin} ({library} `{architecture}`) with locality-masked attention heads, converted with "
         "[attnmask](https://github.com/attnmask/attnmask) (MaiT, [arXiv 2207.03006](https://arxiv.org/abs/2207.03006)). "
@@ -103,12 +112,26 @@ def render(saved: SavedMasks, library: str, architecture: str, name: str, base_m
         "",
         "```json",
         "{",
-        ",\n".join(f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in saved.to_config().items()),
+        ",\n".join(f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in config.items()),
         "}",
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def folder_name(path: str) -> str:
+    """The last part of a local path (``/home/me/models/vit-local/`` -> ``vit-local``)."""
+    parts = [part for part in re.split(r"[\\/]+", path) if part]
+    return parts[-1] if parts else path
+
+
+def public_name(source: str) -> str:
+    """What a card may say about where a model came from: a Hub repo id (``org/name``,
+    ``hf-hub:org/name``, ``timm/name``) as it is, a local path by its folder name only."""
+    if REPO_ID.match(source) or source.startswith(("hf-hub:", "timm/")) or "/" not in source and "\\" not in source:
+        return source
+    return folder_name(str(PurePath(source)))
 
 
 def _transformers_section(saved: SavedMasks, name: str, architecture: str) -> list[str]:
