@@ -1,7 +1,7 @@
 """The blocked backend on CUDA in half precision: every output element and every gradient
 against the float64 reference, on the geometries the GPU benchmarks use and two awkward ones.
 
-CUDA only (skipped elsewhere, with the reason); run on the device machine by
+CUDA only (skipped elsewhere, with the reason); run on a machine with a CUDA GPU by
 ``benchmarks/device_check.sh``. The CPU-side exactness tests are in ``tests/test_blocked.py``.
 """
 
@@ -12,7 +12,7 @@ from attnmask.kernels import reference_attention
 from attnmask.kernels.blocked import blocked_attention
 from attnmask.masks import LocalMask
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 GEOMETRIES = {
     # name: (grid, window, prefix tokens, prefix policy, heads, masked heads, batch)

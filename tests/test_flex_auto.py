@@ -15,7 +15,7 @@ from attnmask.kernels.auto import DEFAULT, choose_rule
 from attnmask.kernels.flex import FLEX_VARIANTS, inverse, tile_order
 from attnmask.masks import ALIGN, LocalMask, clear_cache
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def qkv(batch, num_heads, num_tokens, dim, dtype=torch.float64, seed=0, device="cpu"):
