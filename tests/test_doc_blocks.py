@@ -256,6 +256,13 @@ def script_flags(script: Path) -> frozenset[str]:
     return frozenset(flags)
 
 
+def test_sandbox_refuses_network(sandbox) -> None:
+    """A doc block cannot open an outbound connection (the guard fails before connecting)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock, pytest.raises(NetworkRefused):
+        sock.connect(("127.0.0.1", 9))
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and Path.cwd() == sandbox
+
+
 def test_shell_checker_catches_mistakes() -> None:
     """The shell checks are not vacuous."""
     assert check_shell("attnmask convert ./a ./b --heads 3 --window 7\n") == []
