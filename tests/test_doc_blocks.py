@@ -32,13 +32,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
-# Set before any test imports transformers or huggingface_hub (they read it at import time);
-# the fixture below also sets it and patches huggingface_hub's constant, in case they were
-# imported already.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("MPLBACKEND", "Agg")
-
 PYTHON_LANGS = {"python", "py", "python3"}
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 NOT_RUN = re.compile(r"<!--\s*not-run:\s*(?P<reason>.*?)\s*-->")
@@ -112,17 +105,18 @@ class NetworkRefused(RuntimeError):
 
 @pytest.fixture
 def sandbox(tmp_path, monkeypatch):
-    """A fresh working directory, the Hub offline, and no outbound network connection."""
+    """A fresh working directory, the Hub offline, and no outbound network connection.
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` when it is imported, so its constant is patched
+    too (for this test only: setting the variable for the whole session would change what
+    other tests see)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    try:
-        from huggingface_hub import constants
+    from huggingface_hub import constants
 
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    except ImportError:
-        pass
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     real_connect = socket.socket.connect
 
     def connect(self, address):
