@@ -191,18 +191,16 @@ def check_shell(source: str) -> list[str]:
             problems += [f"`{shown}`: {p}" for p in check_attnmask_cli(argv[1:])]
         elif argv[:3] == ["python", "-m", "attnmask"]:
             problems += [f"`{shown}`: {p}" for p in check_attnmask_cli(argv[3:])]
-        elif argv[0] in ("python", "bash") and len(argv) > 1 and not argv[1].startswith("-"):
-            script = ROOT / argv[1]
-            if not script.is_file():
-                problems.append(f"`{shown}`: {argv[1]} does not exist in the repository")
-            elif script.suffix == ".py":
-                flags = script_flags(script)
-                problems += [f"`{shown}`: {argv[1]} has no option {flag}" for flag in
-                             (a.split("=")[0] for a in argv[2:] if a.startswith("--")) if flag not in flags]
-        else:
+        else:  # python/bash/torchrun SCRIPT ..., pytest PATHS, anything naming repository files
             for token in argv[1:]:
                 if token.startswith(REPO_DIRS) and not (ROOT / token.split("::")[0]).exists():
                     problems.append(f"`{shown}`: {token} does not exist in the repository")
+            # the first repository script named: the options after it must be its own
+            at = next((i for i, t in enumerate(argv) if t.endswith(".py") and (ROOT / t).is_file()), None)
+            if at is not None and argv[0] != "pytest" and argv[1:3] != ["-m", "pytest"]:
+                flags = script_flags(ROOT / argv[at])
+                problems += [f"`{shown}`: {argv[at]} has no option {flag}" for flag in
+                             (a.split("=")[0] for a in argv[at + 1:] if a.startswith("--")) if flag not in flags]
     return problems
 
 
@@ -264,6 +262,8 @@ def test_shell_checker_catches_mistakes() -> None:
     assert check_shell("python -m attnmask demo --heads 3 --window x\n")
     assert check_shell("python benchmarks/nope.py\n")
     assert check_shell("python benchmarks/run.py --only attention --no-such-flag\n")
+    assert check_shell("torchrun --nproc_per_node=2 examples/replicate_small.py --no-such-flag\n")
+    assert check_shell("torchrun --nproc_per_node=2 examples/replicate_small.py --quick\n") == []
     assert check_shell("python -m pytest tests/test_nope.py\n")
     assert check_shell("python -m pytest tests/test_doc_blocks.py  # ok\n") == []
 
