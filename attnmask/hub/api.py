@@ -17,7 +17,7 @@ from . import hf_io, timm_io
 from .apply import apply_saved
 from .card import render
 from .folder import check_target, staged_folder
-from .saved import KEY, SavedMasks
+from .saved import KEY, SavedMasks, check_layer_names
 from .source import Source, open_source
 
 BASE_MODEL = "_attnmask_base_model"
@@ -198,8 +198,10 @@ def from_pretrained(
         FileNotFoundError: Unknown folder or repository, or no ``model.safetensors``
             (weights are read from safetensors only, never unpickled).
         ConnectionError: The Hub cannot be reached and the repository is not cached.
-        ValueError: ``config.json`` or its ``attnmask`` key is not valid, or an override is
-            not accepted.
+        ValueError: ``config.json`` or its ``attnmask`` key is not valid, the saved layer
+            names are not the rebuilt model's, ``model.safetensors`` does not fit the model
+            ``config.json`` builds (weights unused, missing or of another shape: loading is
+            strict), or an override is not accepted.
         TypeError: The architecture is not supported.
     """
     if window is not None:
@@ -209,7 +211,9 @@ def from_pretrained(
     if mode is not None:
         check_mode(mode)
     src = open_source(source, revision)
-    host, _ = check_source(src, heads=heads, window=window, prefix=prefix, backend=backend, mode=mode)
+    host, empty = check_source(src, heads=heads, window=window, prefix=prefix, backend=backend, mode=mode)
+    if src.saved is not None and heads is None:
+        check_layer_names(src.saved.spec, empty, src.config_path)
     folder = src.fetch_weights()
     model = host.load(folder, src.config, **kwargs)
     apply_saved(model, src.saved, src.config_path, heads=heads, window=window, prefix=prefix, backend=backend, mode=mode)

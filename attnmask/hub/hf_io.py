@@ -48,13 +48,36 @@ def build_empty(folder: Path, config: dict[str, Any], where: str) -> nn.Module:
 
 
 def load(folder: Path, config: dict[str, Any], **kwargs: Any) -> nn.Module:
-    """Load ``folder`` with its own class's ``from_pretrained`` (safetensors only), without masks."""
+    """Load ``folder`` with its own class's ``from_pretrained`` (safetensors only), without masks.
+
+    Strict: every weight of the folder must be used and none of the model's missing (shapes
+    must match too, unless ``ignore_mismatched_sizes=True`` asks otherwise). transformers
+    itself only logs a report, so an edited ``architectures`` field would otherwise build
+    another class and silently drop weights (a classifier).
+
+    Raises:
+        ValueError: Naming the folder, the class built and the keys that do not fit.
+    """
     if kwargs.pop("use_safetensors", True) is not True:
         raise ValueError("use_safetensors=False is not accepted: attnmask loads safetensors weights only")
+    kwargs.pop("output_loading_info", None)
+    cls = model_class(config)
     with applying_disabled():
-        model = model_class(config).from_pretrained(str(folder), use_safetensors=True, **kwargs)
-    if isinstance(model, tuple):  # output_loading_info=True
-        model = model[0]
+        model, info = cls.from_pretrained(str(folder), use_safetensors=True, output_loading_info=True, **kwargs)
+    problems = []
+    for what, keys in (("unused saved weights", info.get("unexpected_keys")), ("weights missing from the folder", info.get("missing_keys"))):
+        keys = sorted(keys or ())
+        if keys:
+            problems.append(f"{what}: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}")
+    mismatched = list(info.get("mismatched_keys") or ())
+    if mismatched and not kwargs.get("ignore_mismatched_sizes"):
+        problems.append(f"weights of another shape: {', '.join(str(m[0] if isinstance(m, tuple) else m) for m in mismatched[:6])}")
+    if problems:
+        raise ValueError(
+            f"{folder}: model.safetensors does not fit {cls.__name__}, the class config.json's architectures "
+            f"({config.get('architectures')!r}) names: {'; '.join(problems)}. The folder was edited or its weights "
+            "belong to another model"
+        )
     reset_implementation(model)
     return model
 

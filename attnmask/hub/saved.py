@@ -125,3 +125,23 @@ def check_fits(spec: MaskSpec, model: nn.Module, where: str) -> None:
             f"{where}: the {KEY!r} key has num_heads={list(spec.num_heads)} ({spec.num_layers} layers), but the model "
             f"has {list(num_heads)} ({len(num_heads)} attention layers): the saved masks belong to another model"
         )
+
+
+def check_layer_names(spec: MaskSpec, model: nn.Module, where: str) -> None:
+    """Raise unless the attention layers the masks were saved for (``spec.layers``) are the
+    rebuilt model's, name for name (a folder loaded as the class it was saved from).
+
+    Raises:
+        ValueError: Naming ``where`` and the first saved layer names the model lacks.
+    """
+    from ..adapters import find_adapter
+
+    names = tuple(site.name for site in find_adapter(model).sites(model))
+    if names != tuple(spec.layers):
+        absent = [name for name in spec.layers if name not in names]
+        shown = absent[:3] or [f"{a} (in place of {b})" for a, b in zip(spec.layers, names) if a != b][:3]
+        raise ValueError(
+            f"{where}: the {KEY!r} key has layers={list(spec.layers)[:3]}{'...' if len(spec.layers) > 3 else ''}, but the "
+            f"rebuilt model's attention layers are {list(names)[:3]}{'...' if len(names) > 3 else ''}: saved layer(s) "
+            f"{', '.join(shown)} do not exist in it. The folder was edited or the masks belong to another model"
+        )

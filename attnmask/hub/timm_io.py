@@ -35,7 +35,7 @@ def build_empty(folder: Path, config: dict[str, Any], where: str) -> nn.Module:
     try:
         with torch.device("meta"):
             return create(folder, config, pretrained=False)
-    except (RuntimeError, ValueError, TypeError, KeyError) as error:
+    except (RuntimeError, ValueError, TypeError, KeyError, AssertionError) as error:
         raise TypeError(
             f"{where}: timm {timm.__version__} cannot build architecture={config.get('architecture')!r} "
             f"({' '.join(str(error).split())})"
@@ -47,11 +47,49 @@ def load(folder: Path, config: dict[str, Any], **kwargs: Any) -> nn.Module:
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"missing weights file: {folder} has no model.safetensors (timm folders keep one file)")
     kwargs.setdefault("pretrained", True)
-    model = create(folder, config, **kwargs)
+    try:
+        model = create(folder, config, **kwargs)
+    except (RuntimeError, ValueError, KeyError, AssertionError) as error:
+        raise ValueError(
+            f"{folder}: timm could not load model.safetensors into the model config.json's architecture and model_args "
+            f"build ({' '.join(str(error).split())[:500]}). The folder was edited or its weights belong to another model"
+        ) from error
+    if kwargs["pretrained"]:
+        check_weights(folder, model, shapes="num_classes" not in kwargs)
     args = dict(config.get("model_args") or {})
     args.update({k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS})
     model.__dict__[MODEL_ARGS] = args
     return model
+
+
+def check_weights(folder: Path, model: nn.Module, shapes: bool = True) -> None:
+    """Raise unless ``model`` has exactly the weights of ``folder/model.safetensors`` (names,
+    and shapes if ``shapes``): timm's loading filters checkpoints (and drops a classifier whose
+    class count differs), so a model built from an edited ``config.json`` could load part of
+    them without an error.
+
+    Raises:
+        ValueError: Naming the folder and the weights that do not fit.
+    """
+    import safetensors
+
+    with safetensors.safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+        saved = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    built = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    problems = []
+    for what, keys in (("unused saved weights", set(saved) - set(built)), ("weights missing from the folder", set(built) - set(saved))):
+        keys = sorted(keys)
+        if keys:
+            problems.append(f"{what}: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}")
+    if shapes:
+        other = sorted(k for k in set(saved) & set(built) if saved[k] != built[k])
+        if other:
+            problems.append("weights of another shape: " + ", ".join(f"{k} {saved[k]} saved, {built[k]} built" for k in other[:4]))
+    if problems:
+        raise ValueError(
+            f"{folder}: model.safetensors does not fit the {type(model).__name__} that config.json's architecture "
+            f"and model_args build: {'; '.join(problems)}. The folder was edited or its weights belong to another model"
+        )
 
 
 def has_local_dir() -> bool:
