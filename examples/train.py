@@ -97,7 +97,7 @@ def make_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model and masks")
     model.add_argument(
         "model", nargs="?", help="timm model name, Hugging Face checkpoint folder or attnmask Hub folder "
-        "(not needed with --resume)",
+        "(ignored with --resume: the checkpoint is the model)",
     )  # fmt: skip
     model.add_argument("--model-kwargs", nargs="*", type=parse_kwargs, default=[], metavar="KEY=VALUE",
                        help="timm.create_model keyword arguments, e.g. img_size=32 patch_size=8 depth=2")
@@ -287,6 +287,13 @@ def data_config(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     return {"img_size": int(size), "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
+def processor_files(args: argparse.Namespace) -> list[Path]:
+    """A transformers source folder's image processor file, carried into every checkpoint."""
+    source = args.resume or (Path(args.model) if args.model else None)
+    found = source / "preprocessor_config.json" if source is not None else None
+    return [found] if found is not None and found.is_file() else []
+
+
 def logits_of(output: Any) -> torch.Tensor:
     """timm returns logits; transformers an output object holding them."""
     return output if isinstance(output, torch.Tensor) else output.logits
@@ -407,8 +414,9 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any])
 
 
 def save_checkpoint(folder: Path, model: nn.Module, model_args: Optional[dict[str, Any]], state: dict[str, Any],
-                    optimizer: torch.optim.Optimizer) -> None:  # fmt: skip
-    """``folder`` as an attnmask Hub folder plus the training state, replaced whole (never half written)."""
+                    optimizer: torch.optim.Optimizer, extra: Sequence[Path] = ()) -> None:  # fmt: skip
+    """``folder`` as an attnmask Hub folder plus the training state (and ``extra`` files), replaced
+    whole (never half written)."""
     import safetensors.torch
 
     tensors, plain = flatten_optimizer(optimizer.state_dict())
@@ -417,7 +425,7 @@ def save_checkpoint(folder: Path, model: nn.Module, model_args: Optional[dict[st
         safetensors.torch.save_file(tensors, str(files[0]))
         files[1].write_text(json.dumps({**state, "optimizer": plain}, indent=1) + "\n")
         # save_pretrained unwraps torch.compile and DDP and writes next to `folder`, then renames.
-        attnmask.save_pretrained(model, folder, overwrite=True, model_args=model_args, include=files)
+        attnmask.save_pretrained(model, folder, overwrite=True, model_args=model_args, include=[*files, *extra])
 
 
 def load_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -490,7 +498,8 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, where: Dist
         if resumed.get("classes") != classes:
             parser.error(f"--train-dir classes {classes} differ from the checkpoint's {resumed.get('classes')}")
     try:
-        data = data_config(model, args)
+        # A resumed run reads its inputs as the checkpoint's run did (a source folder's processor file is not at hand).
+        data = resumed["data"] if args.resume and not args.img_size else data_config(model, args)
         classes, loader, val = loaders(args, data, where)
     except (ValueError, FileNotFoundError) as error:
         parser.error(" ".join(str(error).split())[:300])
@@ -563,7 +572,7 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, where: Dist
                 "model_args": model_args,
                 "data": data,
             }
-            save_checkpoint(output / "last", raw, model_args, state, optimizer)
+            save_checkpoint(output / "last", raw, model_args, state, optimizer, processor_files(args))
 
     metrics: dict[str, Any] = {
         "epochs_done": stop,
