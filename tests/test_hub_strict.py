@@ -87,3 +87,12 @@ def test_untampered_folders_still_load(saved):
     for case_id in ("hf-vit", "timm-vit"):
         model = attnmask.from_pretrained(saved.folders[case_id])
         assert attnmask.get_spec(model).to_dict() == saved.specs[case_id]
+
+
+@pytest.mark.parametrize("source", [None, 3, b"folder"])
+def test_source_of_another_type_is_a_type_error(source):
+    with pytest.raises((TypeError, ValueError)) as info:
+        attnmask.from_pretrained(source)
+    assert f"source={source!r}" in str(info.value)
+    if source is not None and not isinstance(source, bytes):
+        assert info.type is TypeError

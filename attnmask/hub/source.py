@@ -101,6 +101,8 @@ def open_source(source: str | os.PathLike, revision: Optional[str] = None) -> So
         ValueError: ``config.json`` is not valid JSON, is neither a transformers nor a timm
             config, or its ``attnmask`` key is not valid.
     """
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source={source!r} is not accepted: expected {ACCEPTED} (a str or os.PathLike)")
     name = os.fspath(source)
     if not isinstance(name, str) or not name:
         raise ValueError(f"source={source!r} is not accepted: expected {ACCEPTED}")
