@@ -171,17 +171,19 @@ class SiteState:
             k = self.runtime.key_geometry(self, call, nk, batch, extra, q)
             if k is None:
                 raise ValueError(f"{nk} keys fit no grid related to the {q.grid[0]}x{q.grid[1]} query grid")
-        if len(self.resolved) < 64:
+        if len(self.resolved) < 64 and not torch.compiler.is_compiling():
             self.resolved[key] = (q, k)
         return q, k
 
     def note(self, route: str, q: TokenGeometry, k: Optional[TokenGeometry]) -> None:
+        if torch.compiler.is_compiling():
+            return  # reports only: mutating them while tracing would recompile on each change
         self.last = q
         if len(self.seen) < 8:
             self.seen.append((route, self._describe(q, k), None))
 
     def problem(self, route: str, reason: str) -> None:
-        if len(self.seen) < 8:
+        if len(self.seen) < 8 and not torch.compiler.is_compiling():
             self.seen.append((route, "", reason))
 
     # SDPA route
@@ -197,7 +199,8 @@ class SiteState:
         except ValueError as error:
             return self._unresolved("sdpa", str(error), lambda: SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale))
         self.note("sdpa", qg, kg)
-        self.routes.add(("sdpa", layout))
+        if not torch.compiler.is_compiling():
+            self.routes.add(("sdpa", layout))
         host = None
         if attn_mask is not None:
             host = to_bhnd(attn_mask.expand(*q.shape[:-1], nk), layout, self.num_heads)
@@ -261,7 +264,8 @@ class SiteState:
         except ValueError as error:
             return self._unresolved("softmax", str(error), lambda: func(*args, **kwargs))
         self.note("softmax", qg, kg)
-        self.routes.add(("softmax", layout))
+        if not torch.compiler.is_compiling():
+            self.routes.add(("softmax", layout))
         plan = self.plan
         if plan is None or not plan.heads:
             return func(*args, **kwargs)
@@ -606,14 +610,16 @@ class SiteLayout:
         self.last_grid: Optional[Grid] = None
 
     def __call__(self, module: nn.Module, args, kwargs) -> None:
-        self.site.runtime.state().setdefault("calls", {})[self.site.name] = CallInput.of(args, kwargs)
+        # A key of its own per layer, set without reading what the previous forward left
+        # (under torch.compile, reading it first would be guarded on and recompile).
+        self.site.runtime.state()[("call", self.site.name)] = CallInput.of(args, kwargs)
 
     @property
     def grid(self) -> Optional[Grid]:
         return self.last_grid
 
     def geometry(self, batch: int, nq: int, nk: int):
-        call = self.site.runtime.state().get("calls", {}).get(self.site.name) or CallInput()
+        call = self.site.runtime.state().get(("call", self.site.name)) or CallInput()
         try:
             q, k = self.site.resolve(call, "bhnd", torch.Size((batch, self.site.num_heads, nq, 1)), nq, nk, batch)
         except ValueError as error:
@@ -627,7 +633,7 @@ class SiteLayout:
         if shapes is not None and shapes.shape[0] == batch and int((shapes[:, 0] * shapes[:, 1]).max()) <= num_tokens:
             grid, positions = naflex_geometry(shapes, num_tokens)
             self.last_grid, self.prefix_tokens = grid, 0
-            if len(self.site.seen) < 8:
+            if len(self.site.seen) < 8 and not torch.compiler.is_compiling():
                 self.site.seen.append(("attention function", f"per-sample grids up to {grid[0]}x{grid[1]} (spatial_shapes), padding global", None))
             return plan.local_mask(grid, 1, positions)
         q, _ = self.geometry(batch, num_tokens, num_tokens)

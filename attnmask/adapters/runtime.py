@@ -36,6 +36,7 @@ class Runtime:
         self.prefix_hint = prefix_hint
         self.suffix = suffix
         self.local = threading.local()
+        self._traced = _fresh_state()  # the state while torch.compile traces (see state())
         self.enclosing: dict[str, tuple[str, ...]] = {}
         self._hooks: list = []
         self._register(model, sites)
@@ -66,6 +67,7 @@ class Runtime:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.local = threading.local()
+        self._traced = _fresh_state()
         self._hooks = []
 
     def remove(self) -> None:
@@ -74,17 +76,28 @@ class Runtime:
         self._hooks.clear()
 
     def empty(self) -> bool:
-        """Whether this thread has seen nothing of the current forward (no hook ran in it)."""
+        """Whether this thread has seen nothing of the current forward (no hook ran in it).
+        Never while torch.compile traces: the traced forward records its own shapes."""
+        if torch.compiler.is_compiling():
+            return False
         state = getattr(self.local, "state", None)
         return state is None or (state["image"] is None and not state["inputs"] and not state["patches"])
 
     def state(self) -> dict:
+        """This thread's shapes of the current forward. While torch.compile traces, one plain
+        dict whose entries always exist and are overwritten, never read first: a compiled
+        forward then reads only what it recorded itself, not what the previous call left
+        (dynamo would guard on that, and recompile when it changed)."""
+        if torch.compiler.is_compiling():
+            return self._traced
         state = getattr(self.local, "state", None)
         if state is None:
-            state = self.local.state = {"image": None, "inputs": {}, "patches": []}
+            state = self.local.state = _fresh_state()
         return state
 
     def on_model(self, module: nn.Module, args, kwargs) -> None:
+        if torch.compiler.is_compiling():
+            self._traced = _fresh_state()  # a new forward starts from nothing the last one left
         state = self.state()
         state["inputs"] = {}
         state["patches"] = []
@@ -120,7 +133,9 @@ class Runtime:
             image = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 else None
             feat = getattr(module, "dynamic_feat_size", None)
             grid = pair(feat(image.shape[-2:]) if image is not None and callable(feat) else module.grid_size)
-        if grid is not None:
+        if grid is not None and torch.compiler.is_compiling():
+            self.state()["patches"] = [grid]  # the latest grid only: reading the list would guard on it
+        elif grid is not None:
             patches = self.state()["patches"]
             patches.insert(0, grid)
             del patches[4:]
@@ -179,6 +194,10 @@ class Runtime:
         if found is not None and (found.prefix, found.suffix) != (query.prefix, query.suffix):
             return None  # pooled keys keep the queries' extra tokens
         return found
+
+
+def _fresh_state() -> dict:
+    return {"image": None, "inputs": {}, "patches": [], "spatial_shapes": None}
 
 
 class _Recorder:
