@@ -115,13 +115,13 @@ def make_parser() -> argparse.ArgumentParser:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=10, help="epochs the schedule spans")
     optim.add_argument("--stop-after", type=int, default=None, metavar="N",
-                       help="stop after N epochs of this run (the schedule still spans --epochs); continue with --resume")
+                       help="stop after N epochs of this run (the schedule spans --epochs); continue with --resume")
     optim.add_argument("--batch-size", type=int, default=64, help="images per step and process")
     optim.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     optim.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
-    optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, tokens)")
+    optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's (not on biases, norms, tokens)")
     optim.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, in epochs")
-    optim.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up in steps (replaces --warmup-epochs)")
+    optim.add_argument("--warmup-steps", type=int, default=None, help="warm-up in steps (replaces --warmup-epochs)")
     optim.add_argument("--label-smoothing", type=float, default=0.1)
     optim.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
     run = parser.add_argument_group("run")
@@ -131,9 +131,9 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     run.add_argument("--output", type=Path, default=None, help="checkpoints and metrics (default: runs/train, "
                      "or the folder above --resume)")
-    run.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue from a checkpoint (OUTPUT/last)")
+    run.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue from OUTPUT/last")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--log-every", type=int, default=20, help="steps between progress lines when stderr is not a terminal")
+    run.add_argument("--log-every", type=int, default=20, help="steps between progress lines off a terminal")
     return parser
 
 
@@ -151,6 +151,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         folder = getattr(args, name)
         if folder is not None and not folder.is_dir():
             parser.error(f"--{name.replace('_', '-')} {folder}: no such folder")
+    if args.lr <= 0:
+        parser.error(f"--lr {args.lr}: must be positive")
     for name in ("epochs", "batch_size", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
@@ -224,7 +226,9 @@ def build_model(args: argparse.Namespace, classes: list[str]) -> tuple[nn.Module
     Returns:
         The model and, for a timm name, the ``create_model`` arguments that rebuild it.
     """
-    labels = dict(num_labels=len(classes), id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)})
+    labels = dict(
+        num_labels=len(classes), id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)}
+    )
     if args.resume is not None:
         folder = args.resume
         return attnmask.from_pretrained(folder, **({} if is_timm_folder(folder) else {"use_safetensors": True})), None
@@ -244,7 +248,7 @@ def build_model(args: argparse.Namespace, classes: list[str]) -> tuple[nn.Module
     import timm
 
     if not timm.is_model(args.model):
-        raise ValueError(f"model={args.model!r} is not accepted: no such folder, nor a timm model name (timm.list_models())")
+        raise ValueError(f"model={args.model!r} is not accepted: no such folder, nor a timm model (timm.list_models())")
     model_args = {**dict(args.model_kwargs), "num_classes": len(classes)}
     return timm.create_model(args.model, pretrained=args.pretrained, **model_args), model_args
 
@@ -358,7 +362,9 @@ def loaders(args: argparse.Namespace, data: dict[str, Any], where: Dist):
 class Progress:
     """One line on stderr: step, loss, images/s, ETA; in place on a terminal, every ``every`` steps otherwise."""
 
-    def __init__(self, label: str, total: int, every: int, stream: Optional[TextIO] = None, enabled: bool = True) -> None:
+    def __init__(
+        self, label: str, total: int, every: int, stream: Optional[TextIO] = None, enabled: bool = True
+    ) -> None:
         self.label, self.total, self.every, self.enabled = label, total, every, enabled
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
@@ -487,7 +493,7 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, where: Dist
     try:
         classes = datasets.ImageFolder(str(args.train_dir)).classes
     except FileNotFoundError as error:
-        parser.error(f"--train-dir {args.train_dir} is not an ImageFolder (a folder of images per class): {error}"[:300])
+        parser.error(f"--train-dir {args.train_dir} is not an ImageFolder (a folder per class): {error}"[:300])
     try:
         model, model_args = build_model(args, classes)
         model = mask(model, args)
@@ -514,7 +520,8 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, where: Dist
     steps = len(loader)
     total = steps * args.epochs
     warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(total, min(warmup, total - 1), args.min_lr / args.lr))
+    schedule = cosine(total, min(warmup, total - 1), args.min_lr / args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     amp = args.amp if args.amp != "auto" else ("bf16" if where.device.type == "cuda" else "none")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler(where.device.type, enabled=amp == "fp16")
@@ -533,9 +540,8 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, where: Dist
 
     model = raw
     if where.world > 1:
-        # Masks are applied before wrapping; ViTs hold no buffers that need broadcasting (the masks are
-        # constants attnmask rebuilds per device), so DDP broadcasts none.
-        model = nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False)
+        # Masked before wrapping: DDP sees the patched modules; the masks are no parameters or buffers to sync.
+        model = nn.parallel.DistributedDataParallel(raw)
     if args.compile:
         model = torch.compile(model)
 

@@ -21,7 +21,7 @@ pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
 
 CLASSES = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
-MODEL = ["vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "depth=3", "embed_dim=48", "mlp_ratio=2"]
+MODEL = ["vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "depth=3", "embed_dim=48"]
 MASKS = ["--mask-heads", "mait", "--window", "3"]
 RUN = ["--epochs", "2", "--batch-size", "8", "--workers", "0", "--lr", "1e-3", "--warmup-steps", "2", "--seed", "3"]
 
@@ -58,7 +58,8 @@ def data(tmp_path_factory):
 
 def train(script, data, output, *extra):
     masks = [] if "--resume" in extra else MASKS  # a resumed run keeps the checkpoint's masks
-    argv = [*MODEL, *masks, "--train-dir", str(data / "train"), "--val-dir", str(data / "val"), *RUN, "--output", str(output)]
+    argv = [*MODEL, *masks, "--train-dir", str(data / "train"), "--val-dir", str(data / "val"), *RUN]
+    argv += ["--output", str(output)]
     assert script.main([*argv, *extra]) == 0
     return json.loads((output / "metrics.json").read_text())
 
@@ -126,12 +127,14 @@ def test_hugging_face_folder(script, data, tmp_path):
         image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96
     )
     transformers.ViTModel(config).save_pretrained(tmp_path / "backbone")
-    argv = [str(tmp_path / "backbone"), "--mask-heads", "0,2", "--window", "3", "--mode", "soft", "--train-dir", str(data / "train"),
-            "--val-dir", str(data / "val"), *RUN, "--stop-after", "1", "--output", str(tmp_path / "run")]  # fmt: skip
+    argv = [str(tmp_path / "backbone"), "--mask-heads", "0,2", "--window", "3", "--mode", "soft"]
+    argv += ["--train-dir", str(data / "train"), "--val-dir", str(data / "val"), *RUN]
+    argv += ["--stop-after", "1", "--output", str(tmp_path / "run")]
     assert script.main(argv) == 0
     model = attnmask.from_pretrained(tmp_path / "run" / "last")
     spec = attnmask.get_spec(model)
-    assert type(model).__name__ == "ViTForImageClassification" and model.config.id2label == dict(enumerate(sorted(CLASSES)))
+    assert type(model).__name__ == "ViTForImageClassification"
+    assert model.config.id2label == dict(enumerate(sorted(CLASSES)))
     assert spec.heads == ((0, 2),) * 3 and spec.mode == "soft"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["top1"] == pytest.approx(independent_top1(model, data / "val", metrics["data"]))
@@ -157,7 +160,7 @@ def test_bad_argument_exits_2(script, data, tmp_path, capsys, extra, message):
 
 
 def test_command_line(data, tmp_path):
-    """As a command: no model exits 2 with one line; a run's progress goes to stderr, results to stdout."""
+    """As a command: without a model it exits 2, the error on the last line of stderr."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     bad = subprocess.run(
         [sys.executable, str(SCRIPT), "--train-dir", str(data / "train")], capture_output=True, text=True, env=env
@@ -169,7 +172,7 @@ def test_save_pretrained_unwraps_training_wrappers(tmp_path):
     """What a training loop holds (compiled, DataParallel) saves as the model inside it."""
     import timm
 
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=3)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3)
     attnmask.apply(model, heads=1, window=3)
     wrapped = torch.compile(torch.nn.DataParallel(model))
     attnmask.save_pretrained(wrapped, tmp_path / "m")
