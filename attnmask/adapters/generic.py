@@ -50,7 +50,7 @@ from . import Adapter, Site
 from .layouts import Grid, PooledMask, TokenGeometry, pair
 from .runtime import CallInput, Runtime, naflex_geometry, takes_spatial_shapes
 from .structure import REFUSALS, UNREADABLE, candidate_layers, head_count, host_class, refusal_message, unreadable_layers
-from .swap import drop_attnmask_attributes, remove_attnmask_hooks
+from .swap import drop_attnmask_attributes, keep_hook, remove_attnmask_hooks
 
 __all__ = ["ADAPTER", "GenericAdapter", "SiteLayout", "SiteState", "masked_class", "runtime_layouts", "takes_spatial_shapes"]
 
@@ -520,6 +520,8 @@ class GenericAdapter(Adapter):
         if not sites:
             return
         runtime = Runtime(model, [s.name for s in sites], _prefix_hint(model))
+        for handle in runtime._hooks:
+            keep_hook(model, handle)  # removed by handle, also from a copy (the runtime's list is not copied)
         model.__dict__["_attnmask_runtime"] = runtime
         observed = _OBSERVED.get(model, {})
         for site, plan in zip(sites, plans):
@@ -655,9 +657,11 @@ class SiteLayout:
 def runtime_layouts(model: nn.Module, sites: Sequence[Site], prefix_hint: Optional[int], suffix: int) -> dict[str, SiteLayout]:
     """One :class:`SiteLayout` per site, sharing one :class:`Runtime` (hooks on ``model``)."""
     runtime = Runtime(model, [s.name for s in sites], prefix_hint, suffix)
+    for handle in runtime._hooks:
+        keep_hook(model, handle)
     layouts = {}
     for site in sites:
         layout = SiteLayout(SiteState(site.name, site.module, runtime, None))
-        site.module.register_forward_pre_hook(layout, with_kwargs=True)
+        keep_hook(model, site.module.register_forward_pre_hook(layout, with_kwargs=True))
         layouts[site.name] = layout
     return layouts

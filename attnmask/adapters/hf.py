@@ -45,7 +45,7 @@ from ..hub.saved import SAVED_IMPLEMENTATION
 from ..spec import LayerPlan
 from . import Adapter, Site
 from .layouts import KeptPatches, PatchLayout, WindowLayout, pair
-from .swap import remove_attnmask_hooks
+from .swap import keep_hook, remove_attnmask_hooks
 
 ATTN_NAME = "attnmask"
 """The name :func:`attnmask_attention` is registered under."""
@@ -321,8 +321,8 @@ class HFAdapter(Adapter):
         layout = PatchLayout(family.prefix_tokens(config), static)
         if family.layout == "shuffled":
             layout.kept = KeptPatches.from_ids_restore()
-            self._embeddings(model, conv_name).register_forward_hook(layout.kept)
-        conv.register_forward_hook(layout)
+            keep_hook(model, self._embeddings(model, conv_name).register_forward_hook(layout.kept))
+        keep_hook(model, conv.register_forward_hook(layout))
         return layout
 
     def install(self, model: nn.Module, sites: Sequence[Site], plans: Sequence[LayerPlan]) -> None:

@@ -1,9 +1,10 @@
 """What every class-swapping adapter does the same way (timm, torchvision).
 
 Such an adapter patches an attention module by swapping its class to a module-level masked
-subclass (``module.__class__ = MaskedX``) and giving it ``_attnmask_*`` attributes; forward
-hooks it registers are attnmask objects. Undoing is therefore the same for all of them:
-swap the class back, delete the ``_attnmask_*`` attributes, drop attnmask's hooks. A
+subclass (``module.__class__ = MaskedX``) and giving it ``_attnmask_*`` attributes; the
+handles of the forward hooks it registers are kept on the model (:func:`keep_hook`). Undoing
+is therefore the same for all of them: swap the class back, delete the ``_attnmask_*``
+attributes, remove attnmask's hooks by handle. A
 subclass says which host classes it masks (:attr:`ClassSwapAdapter.masked`), what a model
 needs to be patchable (:meth:`~ClassSwapAdapter.check`) and what the patched modules need
 besides their plan (:meth:`~ClassSwapAdapter.attach`).
@@ -24,20 +25,23 @@ from ..spec import LayerPlan
 from . import Adapter, Site
 
 
-def is_attnmask_hook(hook) -> bool:
-    """Whether a forward (pre-)hook was registered by attnmask (an attnmask object or its method)."""
-    owner = getattr(hook, "__self__", hook)
-    return type(owner).__module__.startswith("attnmask.")
+HOOK_HANDLES = "_attnmask_hook_handles"
+"""Model attribute: the handles of the hooks attnmask registered for the model's patch."""
+
+
+def keep_hook(model: nn.Module, handle):
+    """Record ``handle`` (a hook attnmask registered while patching ``model``) so that
+    :func:`remove_attnmask_hooks` removes that hook and no other. Returns ``handle``."""
+    model.__dict__.setdefault(HOOK_HANDLES, []).append(handle)
+    return handle
 
 
 def remove_attnmask_hooks(model: nn.Module) -> None:
-    """Drop every forward hook and pre-hook attnmask registered anywhere in ``model``."""
-    for module in model.modules():
-        for hooks in (module._forward_hooks, module._forward_pre_hooks):
-            for key in [k for k, hook in hooks.items() if is_attnmask_hook(hook)]:
-                del hooks[key]
-                for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-                    getattr(module, extra, {}).pop(key, None)
+    """Remove the hooks patching registered on ``model`` and its modules, by their handles
+    (:func:`keep_hook`). Hooks of anyone else on the same modules stay, whatever they are.
+    The handles travel with the model (deepcopy, pickling), so a copy removes its own hooks."""
+    for handle in model.__dict__.pop(HOOK_HANDLES, ()):
+        handle.remove()
 
 
 def drop_attnmask_attributes(module: nn.Module) -> None:

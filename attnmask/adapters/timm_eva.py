@@ -24,6 +24,7 @@ from ..masks import combine_masks
 from ..spec import LayerPlan
 from . import Site
 from .layouts import KeptPatches, PatchLayout
+from .swap import keep_hook
 from .timm_vit import TimmPatchAdapter, timm_qkv
 
 
@@ -98,7 +99,7 @@ class TimmEvaAdapter(TimmPatchAdapter):
         kept = None
         if isinstance(patch_drop, nn.Module):
             kept = KeptPatches.from_patch_drop()
-            patch_drop.register_forward_hook(kept)
+            keep_hook(model, patch_drop.register_forward_hook(kept))
         for site in sites:
             site.module._attnmask_kept = kept
 

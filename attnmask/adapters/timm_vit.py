@@ -23,7 +23,7 @@ from ..masks import combine_masks
 from ..spec import LayerPlan
 from . import Site
 from .layouts import PatchLayout
-from .swap import ClassSwapAdapter
+from .swap import ClassSwapAdapter, keep_hook
 
 
 def timm_qkv(module, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ class TimmPatchAdapter(ClassSwapAdapter):
     def attach(self, model: nn.Module, sites: Sequence[Site]) -> None:
         tokens = PatchLayout(self.prefix_tokens(model), model.patch_embed, channels_last=True)
         if getattr(model, "dynamic_img_size", False):
-            model.patch_embed.register_forward_hook(tokens)
+            keep_hook(model, model.patch_embed.register_forward_hook(tokens))
         for site in sites:
             site.module._attnmask_tokens = tokens
 
