@@ -93,3 +93,15 @@ def test_torchvision_multihead_attention_subclass_is_patched():
     attnmask.remove(model)
     assert type(model.encoder.layers[1].self_attention) is MyMHA
     del torchvision
+
+
+def test_jit_script_of_a_patched_torchvision_vit_says_what_to_use():
+    pytest.importorskip("torchvision")
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=4, hidden_dim=32, mlp_dim=64).eval()
+    attnmask.apply(model, heads=2, window=3)
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile a masked attention layer.*torch.compile"):
+        torch.jit.script(model)
+    attnmask.remove(model)
+    torch.jit.script(model)  # unpatched, it scripts as before

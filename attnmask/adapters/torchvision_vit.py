@@ -44,6 +44,16 @@ class MaskedMultiheadAttention(nn.MultiheadAttention):
     _attnmask_plan: LayerPlan
     _attnmask_grid: tuple[int, int]
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: fail here, clearly,
+        # rather than deep inside TorchScript on the masked forward's Python (kernels chosen per
+        # call, mask caches), which it cannot compile.
+        raise RuntimeError(
+            "attnmask: torch.jit.script cannot compile a masked attention layer (its kernel is chosen per call "
+            "in Python). Use torch.compile or torch.export on the patched model, or script the model before "
+            "attnmask.apply (the scripted copy is then unmasked)"
+        )
+
     def forward(
         self,
         query: torch.Tensor,
