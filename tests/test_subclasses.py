@@ -105,3 +105,21 @@ def test_jit_script_of_a_patched_torchvision_vit_says_what_to_use():
         torch.jit.script(model)
     attnmask.remove(model)
     torch.jit.script(model)  # unpatched, it scripts as before
+
+
+def test_timm_features_only_vit_is_patched():
+    torch.manual_seed(0)
+    kwargs = dict(img_size=(40, 56), patch_size=8, embed_dim=32, depth=3, num_heads=4)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+    features = timm.create_model("vit_tiny_patch16_224", pretrained=False, features_only=True, **kwargs).eval()
+    features.model.load_state_dict(plain.state_dict(), strict=False)
+    attnmask.apply(features, heads="all", window=3)
+    attnmask.apply(plain, heads="all", window=3)
+    assert attnmask.get_spec(features).family == "timm.vit"
+    assert attnmask.get_spec(features).layers == tuple(f"model.blocks.{i}.attn" for i in range(3))
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        expected = plain.forward_intermediates(x, intermediates_only=True)
+        torch.testing.assert_close(features(x)[-1], expected[-1], rtol=1e-5, atol=1e-5)
+    attnmask.remove(features)
+    assert type(features.model.blocks[0].attn) is Attention

@@ -94,9 +94,17 @@ class TimmPatchAdapter(ClassSwapAdapter):
     layers: ClassVar[str]
     """What the attention layers are called, for errors."""
 
+    @staticmethod
+    def vit(model: nn.Module) -> nn.Module:
+        """The ViT holding the patch embedding: ``model``, or the model inside timm's feature
+        wrapper (``features_only=True`` gives a ``FeatureGetterNet`` whose ``.model`` is the ViT)."""
+        if not hasattr(model, "patch_embed") and hasattr(getattr(model, "model", None), "patch_embed"):
+            return model.model
+        return model
+
     def prefix_tokens(self, model: nn.Module) -> int:
         """Tokens before the patches in the patched layers' sequences."""
-        return int(model.num_prefix_tokens)
+        return int(self.vit(model).num_prefix_tokens)
 
     def matches(self, model: nn.Module) -> bool:
         """Has the attention layers and a ViT's patch grid (otherwise the structural adapter,
@@ -112,7 +120,7 @@ class TimmPatchAdapter(ClassSwapAdapter):
     def check(self, model: nn.Module) -> None:
         try:
             self.prefix_tokens(model)
-            model.patch_embed.grid_size
+            self.vit(model).patch_embed.grid_size
         except AttributeError:
             raise TypeError(
                 f"attnmask: timm model {type(model).__name__} has {self.layers} layers but no patch grid "
@@ -120,9 +128,10 @@ class TimmPatchAdapter(ClassSwapAdapter):
             ) from None
 
     def attach(self, model: nn.Module, sites: Sequence[Site]) -> None:
-        tokens = PatchLayout(self.prefix_tokens(model), model.patch_embed, channels_last=True)
-        if getattr(model, "dynamic_img_size", False):
-            keep_hook(model, model.patch_embed.register_forward_hook(tokens))
+        vit = self.vit(model)
+        tokens = PatchLayout(self.prefix_tokens(model), vit.patch_embed, channels_last=True)
+        if getattr(vit, "dynamic_img_size", False):
+            keep_hook(model, vit.patch_embed.register_forward_hook(tokens))
         for site in sites:
             site.module._attnmask_tokens = tokens
 
@@ -130,7 +139,7 @@ class TimmPatchAdapter(ClassSwapAdapter):
         for module in self.patched_modules(model):
             tokens = module._attnmask_tokens
             return tokens.last_grid or tokens.static_grid
-        return super().grid(model)
+        return super().grid(self.vit(model))
 
 
 class TimmViTAdapter(TimmPatchAdapter):
