@@ -22,6 +22,7 @@ patch dropout): then each token's position in the full layout is given per sampl
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -49,6 +50,25 @@ def _grid_error(num_tokens: int, prefix_tokens: int, tried: str) -> ValueError:
     )
 
 
+class PerThread:
+    """One value per thread (``None`` until the thread sets it): what the latest forward *of
+    this thread* recorded. Threads running one model at different image sizes then never read
+    each other's grid. Copies and pickles start empty (the values belong to forwards of this
+    process)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __reduce__(self):
+        return (PerThread, ())
+
+    def get(self):
+        return getattr(self._local, "value", None)
+
+    def set(self, value) -> None:
+        self._local.value = value
+
+
 class PatchLayout:
     """Prefix tokens, then the row-major patch grid of the latest forward.
 
@@ -72,11 +92,16 @@ class PatchLayout:
         self.kept = kept
         self._static = static_grid  # a grid, or a patch embedding with a ``grid_size``
         self.channels_last = channels_last
-        self.last_grid: Optional[Grid] = None
+        self._last = PerThread()
+
+    @property
+    def last_grid(self) -> Optional[Grid]:
+        """The grid of this thread's latest forward (``None`` before its first)."""
+        return self._last.get()
 
     def __call__(self, module: nn.Module, args, output) -> None:
         if isinstance(output, torch.Tensor) and output.dim() == 4:
-            self.last_grid = (output.shape[1], output.shape[2]) if self.channels_last else (output.shape[-2], output.shape[-1])
+            self._last.set((output.shape[1], output.shape[2]) if self.channels_last else (output.shape[-2], output.shape[-1]))
 
     @property
     def static_grid(self) -> Grid:
@@ -129,11 +154,16 @@ class KeptPatches:
     def __init__(self, read: Callable[[object], Optional[torch.Tensor]], required: bool = False) -> None:
         self.read = read
         self.required = required
-        self.keep: Optional[torch.Tensor] = None
+        self._keep = PerThread()
+
+    @property
+    def keep(self) -> Optional[torch.Tensor]:
+        """The kept patches of this thread's latest forward."""
+        return self._keep.get()
 
     def __call__(self, module: nn.Module, args, output) -> None:
         keep = self.read(output)
-        self.keep = keep if isinstance(keep, torch.Tensor) else None
+        self._keep.set(keep if isinstance(keep, torch.Tensor) else None)
 
     @classmethod
     def from_patch_drop(cls) -> "KeptPatches":
@@ -156,7 +186,11 @@ class WindowLayout:
 
     def __init__(self, window_size: int) -> None:
         self.window_size = window_size
-        self.last_grid: Optional[Grid] = None
+        self._last = PerThread()
+
+    @property
+    def last_grid(self) -> Optional[Grid]:
+        return self._last.get()
 
     @property
     def grid(self) -> Grid:
@@ -166,7 +200,7 @@ class WindowLayout:
         side = math.isqrt(num_tokens)
         if side * side != num_tokens:
             raise ValueError(f"attnmask: a window of {num_tokens} tokens is not square")
-        self.last_grid = (side, side)
+        self._last.set((side, side))
         return plan.local_mask((side, side), 0)
 
 
