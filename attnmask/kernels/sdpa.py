@@ -8,6 +8,8 @@ the same dense SDPA path in both modes.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Optional
 
 import torch
@@ -77,8 +79,41 @@ def sdpa_attention(
     return split_heads(q, k, v, mask, attn_mask, masked_heads, dropout_p=dropout_p, scale=scale)
 
 
-_CUDNN_REFUSED: set[tuple] = set()
-"""(dtype, head dims, tokens, heads, device) combinations cuDNN refused: not tried again."""
+RETRY_AFTER_S = 60.0
+"""Seconds a cuDNN refusal of one combination stands before the one-call path is tried again
+(doubling with each repeated refusal, up to :data:`RETRY_AFTER_MAX_S`)."""
+RETRY_AFTER_MAX_S = 3600.0
+
+_CUDNN_REFUSED: dict[tuple, tuple[float, float]] = {}
+"""(dtype, head dims, tokens, heads, device) -> (time the refusal expires, its length): a
+refused combination runs the split path until then, so a transient failure (another
+process holding the GPU's memory, a workspace that did not fit) does not disable the path
+for the whole process, and a lasting one costs one failed try per period."""
+_cudnn_lock = threading.Lock()
+
+
+def cudnn_refused(key: tuple, now: Optional[float] = None) -> bool:
+    """Whether the one-call path stands refused for ``key`` at time ``now`` (``time.monotonic``)."""
+    now = time.monotonic() if now is None else now
+    with _cudnn_lock:
+        entry = _CUDNN_REFUSED.get(key)
+        return entry is not None and now < entry[0]
+
+
+def refuse_cudnn(key: tuple, now: Optional[float] = None) -> None:
+    """Record a refusal of ``key``: for :data:`RETRY_AFTER_S`, doubled for each refusal in a row."""
+    now = time.monotonic() if now is None else now
+    with _cudnn_lock:
+        previous = _CUDNN_REFUSED.get(key)
+        length = RETRY_AFTER_S if previous is None else min(previous[1] * 2, RETRY_AFTER_MAX_S)
+        _CUDNN_REFUSED[key] = (now + length, length)
+
+
+def accept_cudnn(key: tuple) -> None:
+    """Forget the refusals of ``key`` (it ran)."""
+    if key in _CUDNN_REFUSED:
+        with _cudnn_lock:
+            _CUDNN_REFUSED.pop(key, None)
 
 
 def _one_call_possible(q: torch.Tensor, mask: LocalMask) -> bool:
@@ -93,14 +128,15 @@ def _one_call_possible(q: torch.Tensor, mask: LocalMask) -> bool:
 
 def _cudnn_one_call(q, k, v, mask: LocalMask, scale: Optional[float]) -> Optional[torch.Tensor]:
     """Every head in one cuDNN attention call with the per-head additive mask; ``None`` if
-    cuDNN refuses this combination (remembered, so a refusal costs one try per process).
+    cuDNN refuses this combination (remembered for a while, see :data:`_CUDNN_REFUSED`, so a
+    lasting refusal costs one try per period and a transient one does not last).
 
     The cuDNN operator is called directly, not through ``sdpa_kernel([CUDNN_ATTENTION])``:
     that context manager switches SDPA's backends for every thread of the process, so
     another thread's SDPA calls would fail while it is open, and two overlapping uses can
     leave every other backend disabled. Out-of-memory errors are raised, not remembered."""
     key = (q.dtype, q.shape[-1], v.shape[-1], q.shape[-2], q.shape[1], q.device)
-    if key in _CUDNN_REFUSED:
+    if cudnn_refused(key):
         return None
     bias = mask.head_additive_mask(q.device, q.dtype).expand(q.shape[0], -1, -1, -1)
     try:
@@ -108,8 +144,9 @@ def _cudnn_one_call(q, k, v, mask: LocalMask, scale: Optional[float]) -> Optiona
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, TypeError, NotImplementedError):
-        _CUDNN_REFUSED.add(key)
+        refuse_cudnn(key)
         return None
+    accept_cudnn(key)
     return out[0]
 
 
