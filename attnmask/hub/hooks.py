@@ -1,4 +1,5 @@
-"""Make transformers' own ``from_pretrained`` load attnmask folders masked.
+"""Make transformers' own ``from_pretrained`` load attnmask folders masked (and, through
+:mod:`.timm_hook`, timm's ``create_model``).
 
 ``import attnmask`` registers :func:`on_transformers` as a wrapt post-import hook for
 ``transformers.modeling_utils``: it runs when transformers' modeling code is imported, or at
@@ -29,7 +30,8 @@ _HOOKED = "_attnmask_from_pretrained_hooked"
 
 @contextlib.contextmanager
 def applying_disabled() -> Iterator[None]:
-    """Inside, ``from_pretrained`` does not apply saved masks (attnmask's own loader applies them)."""
+    """Inside, ``from_pretrained`` and ``timm.create_model`` do not apply saved masks (attnmask's
+    own loader applies them)."""
     token = _DISABLED.set(True)
     try:
         yield
@@ -38,10 +40,14 @@ def applying_disabled() -> Iterator[None]:
 
 
 def register() -> None:
-    """Register :func:`on_transformers` for ``transformers.modeling_utils`` (``import attnmask`` calls it)."""
+    """Register :func:`on_transformers` for ``transformers.modeling_utils`` and
+    :func:`.timm_hook.on_timm` for ``timm`` (``import attnmask`` calls it)."""
     import wrapt
 
+    from . import timm_hook
+
     wrapt.register_post_import_hook(on_transformers, "transformers.modeling_utils")
+    timm_hook.register()
 
 
 def on_transformers(modeling_utils: Any) -> None:

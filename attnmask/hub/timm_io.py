@@ -2,8 +2,9 @@
 
 The layout is the one ``timm.models.push_to_hf_hub`` writes: ``config.json`` with
 ``architecture``, ``num_classes``, ``model_args`` and ``pretrained_cfg``, and the weights as
-``model.safetensors``. ``timm.create_model("local-dir:FOLDER", pretrained=True)`` loads it
-(without masks: timm ignores the extra ``attnmask`` key).
+``model.safetensors``. ``timm.create_model("local-dir:FOLDER", pretrained=True)`` loads it; once
+attnmask is imported, masked (:mod:`.timm_hook`). Here timm's loading runs with that hook off:
+:func:`attnmask.from_pretrained` applies the masks itself, with the user's overrides.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .hooks import applying_disabled
 from .saved import KEY, SavedMasks
 
 MODEL_ARGS = "_attnmask_timm_model_args"
@@ -104,7 +106,8 @@ def create(folder: Path, config: dict[str, Any], pretrained: bool = True, **kwar
     import timm
 
     if has_local_dir():
-        return timm.create_model(f"local-dir:{folder}", pretrained=pretrained, **kwargs)
+        with applying_disabled():  # the caller applies the masks (or, for checks, none)
+            return timm.create_model(f"local-dir:{folder}", pretrained=pretrained, **kwargs)
     pretrained_cfg = dict(config.get("pretrained_cfg") or {})
     pretrained_cfg.update(architecture=config["architecture"], num_classes=config.get("num_classes", 1000))
     arguments = {**(config.get("model_args") or {}), **kwargs}
