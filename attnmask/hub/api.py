@@ -92,8 +92,9 @@ def save_pretrained(
       ``transformers.AutoModel.from_pretrained(folder)`` (and every task class) returns the
       model masked.
     - timm models: timm's Hub layout (``config.json`` with ``architecture``, ``model_args``,
-      ``pretrained_cfg``; ``model.safetensors``), so ``timm.create_model("local-dir:FOLDER",
-      pretrained=True)`` loads the weights; :func:`from_pretrained` re-applies the masks.
+      ``pretrained_cfg``; ``model.safetensors``). Once attnmask is imported,
+      ``timm.create_model("local-dir:FOLDER", pretrained=True)`` (or ``"hf-hub:ORG/NAME"``) returns
+      the model masked; without attnmask, timm loads the weights unmasked.
 
     Both get the :class:`~attnmask.MaskSpec` under the ``attnmask`` key of ``config.json`` and
     a model card (``README.md``). The folder is written next to ``save_directory`` and renamed
@@ -105,10 +106,11 @@ def save_pretrained(
         save_directory: The folder to write.
         overwrite: Replace ``save_directory`` if it exists (only a model folder, one with a
             ``config.json``, or an empty folder is replaced).
-        auto_apply: Hugging Face only. ``True``: transformers' own ``from_pretrained``
-            re-applies the masks once attnmask is imported, and without attnmask installed
-            transformers refuses the folder (its error names the package) rather than loading
-            it unmasked. ``False``: plain transformers loads the unmasked base model anywhere;
+        auto_apply: ``True``: transformers' own ``from_pretrained`` (and timm's
+            ``create_model("local-dir:...")``) re-applies the masks once attnmask is imported,
+            and without attnmask installed transformers refuses the folder (its error names the
+            package) rather than loading it unmasked (timm cannot refuse: it loads it
+            unmasked). ``False``: the host library loads the unmasked base model anywhere;
             only :func:`from_pretrained` applies the masks.
         base_model: Where the weights came from, for the model card (default: what
             :func:`from_pretrained` or the host library recorded).

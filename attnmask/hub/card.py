@@ -106,7 +106,7 @@ def render(saved: SavedMasks, library: str, architecture: str, name: str, base_m
         "```",
         "",
     ]
-    lines += _transformers_section(saved, name, architecture) if library == "transformers" else _timm_section(name, on_hub)
+    lines += _transformers_section(saved, name, architecture) if library == "transformers" else _timm_section(saved, name, on_hub)
     lines += [
         "## MaskSpec",
         "",
@@ -163,15 +163,29 @@ def _transformers_section(saved: SavedMasks, name: str, architecture: str) -> li
     ]
 
 
-def _timm_section(name: str, on_hub: bool) -> list[str]:
+def _timm_section(saved: SavedMasks, name: str, on_hub: bool) -> list[str]:
     source = f"hf-hub:{name}" if on_hub else f"local-dir:{name}"
+    if not saved.auto_apply:
+        return [
+            "With timm, this folder loads as the unmasked base model (it was saved with `auto_apply=False`):",
+            "",
+            "```python",
+            "import timm",
+            "",
+            f'model = timm.create_model("{source}", pretrained=True)  # no masks',
+            "```",
+            "",
+        ]
     return [
-        "With timm alone, the weights load without the masks (timm ignores the `attnmask` key):",
+        "With timm, masked, once attnmask is imported (before or after timm):",
         "",
         "```python",
+        "import attnmask",
         "import timm",
         "",
-        f'model = timm.create_model("{source}", pretrained=True)  # unmasked',
+        f'model = timm.create_model("{source}", pretrained=True)',
         "```",
+        "",
+        "Without attnmask, timm loads the weights without the masks (it ignores the `attnmask` key).",
         "",
     ]

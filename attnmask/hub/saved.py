@@ -5,8 +5,8 @@ masks back under one top-level key, ``"attnmask"``, of its ``config.json`` (the 
 transformers or timm, otherwise unchanged). The value is :meth:`MaskSpec.to_dict` with a
 few more fields:
 
-- ``auto_apply``: whether ``transformers.AutoModel.from_pretrained`` re-applies the masks
-  once attnmask is imported (Hugging Face folders only);
+- ``auto_apply``: whether ``transformers.AutoModel.from_pretrained`` (timm folders:
+  ``timm.create_model("local-dir:...")``) re-applies the masks once attnmask is imported;
 - ``base_model``: the model the weights came from (for the model card);
 - ``attnmask_version``: the attnmask release that wrote the folder.
 
@@ -51,7 +51,7 @@ class SavedMasks:
 
     Attributes:
         spec: The masks (their mode included).
-        auto_apply: Whether transformers' own ``from_pretrained`` re-applies the masks.
+        auto_apply: Whether transformers' ``from_pretrained`` (timm's ``create_model``) re-applies the masks.
         base_model: The model the weights came from (repo id or path), if known.
         attnmask_version: Release that wrote the folder.
     """
