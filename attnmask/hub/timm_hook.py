@@ -110,16 +110,18 @@ def _create_model(wrapped, instance, args, kwargs):
     model = wrapped(*args, **kwargs)
     if _DISABLED.get() or not _state["enabled"]:
         return model
-    try:
-        call = inspect.signature(wrapped).bind(*args, **kwargs).arguments
+    try:  # by parameter name: positions and the set of parameters differ across timm releases
+        signature = inspect.signature(wrapped)
+        call = dict(signature.bind(*args, **kwargs).arguments)
     except (TypeError, ValueError):
         return model
+    extra = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
     name = call.get("model_name")
     found = _saved_config(name, call.get("cache_dir")) if isinstance(name, str) else None
     if found is None:
         return model
     config, where = found
-    message = _apply(model, config, where, name, bool(call.get("pretrained", False)), call.get("kwargs") or {})
+    message = _apply(model, config, where, name, bool(call.get("pretrained", False)), call.get(extra[0], {}) if extra else {})
     if message:
         warnings.warn(message, UserWarning, stacklevel=2)
     return model
