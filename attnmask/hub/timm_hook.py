@@ -186,7 +186,7 @@ def _apply(model: Any, config: dict[str, Any], where: str, name: str, pretrained
         )
     try:
         apply_saved(model, saved, where)
-    except (ValueError, TypeError) as error:
+    except Exception as error:  # apply leaves the model untouched when it fails; timm's model still loads
         return (
             f"{call}: the masks saved in {where} could not be applied ({error}); {unmasked}. Without keyword "
             "arguments that change the architecture, timm rebuilds the saved model; attnmask.from_pretrained "
