@@ -30,7 +30,7 @@ alone, then its weights are loaded, the chosen heads of every attention layer ar
 OUT is written to a temporary folder next to it and renamed when complete: a failure leaves
 nothing behind. Load it with attnmask.from_pretrained(OUT); Hugging Face folders also load
 masked with transformers' AutoModel*.from_pretrained(OUT) once attnmask is imported, and timm
-folders load (unmasked) with timm.create_model("local-dir:OUT", pretrained=True).
+folders with timm.create_model("local-dir:OUT", pretrained=True) once attnmask is imported.
 
 If SOURCE was itself saved by attnmask, its masks are kept unless --heads, --window,
 --prefix or --mode replace them; otherwise --heads and --window are required.
