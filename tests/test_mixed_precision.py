@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import attnmask
 from attnmask.kernels import blocked_attention, flex_attention, reference_attention, sdpa_attention
 from attnmask.kernels.blocked import build_blocking
 from attnmask.masks import LocalMask, combine_masks
@@ -235,3 +237,161 @@ def test_autocast_float32_queries_with_scattered_global_heads(backend: str):
         out = KERNEL_BACKENDS[backend](q, k, v, mask)
     assert out.isfinite().all()
     _close(out, reference_attention(q.double(), k.double(), v.double(), mask), OUT_TOLERANCE[torch.bfloat16], backend)
+
+
+# 3. Patched models ---------------------------------------------------------------------------
+
+PATCH = 8
+TIMM_MODELS: dict[int, torch.nn.Module] = {}
+"""Tiny timm ViTs by prefix token count, built once (each example patches a deep copy)."""
+
+
+def timm_vit(prefix_tokens: int) -> torch.nn.Module:
+    """A 2-block, 4-head timm ViT (8 px patches, any grid) with ``prefix_tokens`` prefix
+    tokens: a class token and/or register tokens, random (not timm's near-zero init)."""
+    if prefix_tokens not in TIMM_MODELS:
+        import timm
+
+        class_token = prefix_tokens in (1, 2, 4)
+        torch.manual_seed(prefix_tokens)
+        model = timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=32,
+            patch_size=PATCH,
+            embed_dim=32,
+            depth=2,
+            num_heads=4,
+            dynamic_img_size=True,
+            class_token=class_token,
+            reg_tokens=prefix_tokens - class_token,
+            global_pool="token" if class_token else "avg",
+            num_classes=0,
+        )
+        assert model.num_prefix_tokens == prefix_tokens
+        with torch.no_grad():
+            for name in ("cls_token", "reg_token", "pos_embed"):
+                if getattr(model, name, None) is not None:
+                    getattr(model, name).normal_(std=0.5)
+        TIMM_MODELS[prefix_tokens] = model.train()
+    return TIMM_MODELS[prefix_tokens]
+
+
+def assert_finite_backward(model: torch.nn.Module, features: torch.Tensor) -> None:
+    """``features`` finite; after a backward of a loss of them, every parameter gradient
+    (attention projections included) exists where it should and is finite."""
+    assert features.isfinite().all(), "non-finite features"
+    features.float().square().mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert all(grads[name] is not None for name in grads if ".attn.qkv." in name or ".attn.in_proj" in name)
+    bad = [name for name, grad in grads.items() if grad is not None and not grad.isfinite().all()]
+    assert not bad, f"non-finite gradients: {bad}"
+
+
+COVERS_GRID = "ignore:attnmask. window .* covers the whole:UserWarning"  # windows larger than the grid are drawn on purpose
+
+
+@pytest.mark.filterwarnings(COVERS_GRID)
+@settings(max_examples=examples(30))
+@given(
+    prefix_tokens=st.integers(0, 4),
+    grid=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    window=st.tuples(odd_1_to_9, odd_1_to_9),
+    heads=st.one_of(st.just({0, 1, 2, 3}), st.sets(st.integers(0, 3), min_size=1)),
+    prefix=st.sampled_from(["global", "isolated"]),
+    mode=st.sampled_from(["hard", "soft"]),
+    backend=st.sampled_from(["auto", "sdpa", "blocked"]),
+    dtype=st.sampled_from(HALF_DTYPES),
+    cast=st.booleans(),
+)
+def test_timm_vit_half_precision(prefix_tokens, grid, window, heads, prefix, mode, backend, dtype, cast):
+    """A patched timm ViT in bf16/fp16, by autocast or by casting the patched model
+    (``.half()`` / ``.to(torch.bfloat16)``): finite features and gradients for every grid
+    (``dynamic_img_size``), window, prefix token count and policy, mode and backend. A cast
+    model is still patched and still masked: its features differ from the unpatched model's
+    at the same dtype whenever the mask restricts something."""
+    base = timm_vit(prefix_tokens)
+    model = attnmask.apply(copy.deepcopy(base), heads=sorted(heads), window=window, prefix=prefix, mode=mode, backend=backend)
+    images = torch.randn(2, 3, grid[0] * PATCH, grid[1] * PATCH, generator=torch.Generator().manual_seed(0))
+    if not cast:
+        with torch.autocast("cpu", dtype=dtype):
+            features = model.forward_features(images)
+        assert features.dtype in (dtype, torch.float32)
+        assert_finite_backward(model, features)
+        return
+    model = model.half() if dtype == torch.float16 else model.to(torch.bfloat16)
+    spec = attnmask.get_spec(model)
+    assert spec is not None and spec.mode == mode
+    features = model.forward_features(images.to(dtype))
+    assert features.dtype == dtype
+    assert_finite_backward(model, features)
+    geometry = LocalMask(grid, window, prefix_tokens, 4, tuple(sorted(heads)), prefix, mode=mode)
+    if not geometry.is_identity:
+        with torch.no_grad():
+            plain = copy.deepcopy(base).to(dtype).forward_features(images.to(dtype))
+        assert not torch.equal(features.detach(), plain), "the cast model is no longer masked"
+
+
+def hf_vit() -> torch.nn.Module:
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=40, patch_size=8)
+    return ViTModel(config, add_pooling_layer=False)
+
+
+def hf_swin() -> torch.nn.Module:
+    from transformers import SwinConfig, SwinModel
+
+    torch.manual_seed(0)
+    config = SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
+    return SwinModel(config, add_pooling_layer=False)
+
+
+def torchvision_vit() -> torch.nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=40, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=8)
+    with torch.no_grad():
+        model.heads.head.weight.normal_(std=0.5)  # torchvision zero-initialises the head
+    return model
+
+
+def hidden(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.last_hidden_state
+
+
+# (build, images, forward kwargs): heads=[1] leaves global heads 0, 2, 3 (not consecutive).
+HOSTS = {
+    "hf-vit": (hf_vit, (48, 32), {"interpolate_pos_encoding": True}),
+    "hf-swin": (hf_swin, (32, 32), {}),  # the shifted blocks pass Swin's -100 shift mask
+    "torchvision-vit": (torchvision_vit, (40, 40), {}),
+}
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("host", sorted(HOSTS))
+def test_other_hosts_half_precision(host: str, mode: str, dtype):
+    """Hugging Face ViT and Swin (whose shift mask attnmask adds to) and torchvision's ViT,
+    patched, under autocast and cast to ``dtype``: finite outputs and gradients, and still
+    masked after the cast."""
+    pytest.importorskip("torchvision" if host.startswith("torchvision") else "transformers")
+    build, size, kwargs = HOSTS[host]
+    base = build().train()
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    model = attnmask.apply(copy.deepcopy(base), heads=[1], window=3, mode=mode, backend="auto")
+    with torch.autocast("cpu", dtype=dtype):
+        out = hidden(model(images, **kwargs))
+    assert_finite_backward(model, out)
+
+    model.zero_grad()
+    model = model.to(dtype)
+    assert attnmask.get_spec(model) is not None
+    out = hidden(model(images.to(dtype), **kwargs))
+    assert out.dtype == dtype
+    assert_finite_backward(model, out)
+    with torch.no_grad():
+        plain = hidden(copy.deepcopy(base).to(dtype)(images.to(dtype), **kwargs))
+    assert not torch.equal(out.detach(), plain), "the cast model is no longer masked"
