@@ -313,7 +313,8 @@ def _build_form(mask: LocalMask, form: str, device: torch.device, dtype: Optiona
 
         def additive() -> torch.Tensor:
             padded = torch.zeros(n, -(-n // ALIGN) * ALIGN, dtype=dtype, device=device)
-            padded[:, :n].masked_fill_(~_build_form(mask, "window", device), float("-inf"))
+            # The boolean window is evaluated, not cached: only the form SDPA reads is kept.
+            padded[:, :n].masked_fill_(~evaluate(mask.window_mod(), 1, n, device)[0], float("-inf"))
             return padded[:, :n]
 
         return mask.store.get(("additive", *geometry, dtype, device), additive)

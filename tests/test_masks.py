@@ -115,7 +115,7 @@ def test_masks_go_to_their_own_cache():
     mask = LocalMask((4, 6), (3, 3), 1, 4, (0, 1), cache=own)
     mask.additive_mask()
     mask.forbidden()
-    assert own.info()["entries"] == 3  # window, additive (built from the window), forbidden
+    assert own.info()["entries"] == 2  # additive (its boolean window is not kept) and forbidden
     assert masks.cache_info()["entries"] == 0
     assert mask == LocalMask((4, 6), (3, 3), 1, 4, (0, 1))  # the cache is not part of the geometry
 

@@ -83,3 +83,44 @@ def test_a_cudnn_refusal_expires():
         assert not sdpa.cudnn_refused(key)
     finally:
         sdpa._CUDNN_REFUSED.pop(key, None)
+
+
+def kept_bytes(backend: str, grid: tuple[int, int]) -> tuple[int, int]:
+    """(tokens, peak bytes of a fresh cache) after one call of ``backend`` on ``grid``,
+    checked against the float64 reference."""
+    from attnmask.kernels import KERNELS
+    from attnmask.masks import MaskCache
+
+    cache = MaskCache()
+    mask = LocalMask(grid, (7, 7), 1, 4, (0, 1), cache=cache)
+    n = mask.num_tokens
+    q, k, v = (torch.randn(1, 4, n, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with torch.no_grad():
+        out = KERNELS[backend](q, k, v, mask)
+    reference = KERNELS["reference"](q.double(), k.double(), v.double(), mask)
+    torch.testing.assert_close(out.double(), reference, rtol=1e-4, atol=1e-5)
+    return n, cache.info()["peak_bytes"]
+
+
+def test_only_sdpa_keeps_an_n_by_n_mask():
+    """SDPA needs an ``N x N`` mask tensor and keeps exactly one (the additive form). The
+    blocked backend keeps per-block gather indices and windows (linear in the tokens), flex a
+    block-level mask; the fused kernel (see the next test) keeps nothing."""
+    n, sdpa = kept_bytes("sdpa", (32, 32))
+    assert sdpa == n * (-(-n // 16) * 16) * 4  # one fp32 additive mask, rows padded
+    small_n, small = kept_bytes("blocked", (16, 16))
+    n, blocked = kept_bytes("blocked", (32, 32))
+    assert blocked / small < 6, f"blocked: {small} bytes at {small_n} tokens, {blocked} at {n}: not linear"
+    assert blocked < n * n, f"blocked keeps {blocked} bytes at {n} tokens"
+    n, flex = kept_bytes("flex", (32, 32))
+    assert flex < 16 * n, f"flex keeps {flex} bytes at {n} tokens"
+
+
+def test_the_fused_kernel_keeps_no_mask():
+    from attnmask.kernels import fused
+
+    why = fused.unavailable(torch.device("cpu"))
+    if why is not None:
+        pytest.skip(why)
+    _, kept = kept_bytes("triton", (6, 6))  # the Triton interpreter is slow: a small grid
+    assert kept == 0
