@@ -61,18 +61,19 @@ def test_concurrent_forwards_at_different_sizes_equal_sequential_ones(backend):
     model = dynamic_vit(reg_tokens=1)
     attnmask.apply(model, heads=2, window=3, backend=backend)
     images = [torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(i)) for i, size in enumerate(SIZES)]
-    with torch.no_grad():
-        sequential = [model(x) for x in images]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many Python threads, one intra-op thread each (and the same
+    # one thread for the sequential run: kernels may sum in another order with more threads)
+    try:
+        with torch.no_grad():
+            sequential = [model(x) for x in images]
+        results = run_concurrently(model, images, REPETITIONS)
+    finally:
+        torch.set_num_threads(threads)
     # The masks really differ between the two 16-token grids: a swapped mask would show.
     swapped = attnmask.apply(dynamic_vit(reg_tokens=1), heads=2, window=3, backend=backend)
     with torch.no_grad():
         assert not torch.allclose(swapped(images[1].transpose(-1, -2)), sequential[0])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many Python threads, one intra-op thread each
-    try:
-        results = run_concurrently(model, images, REPETITIONS)
-    finally:
-        torch.set_num_threads(threads)
     for repetition, outputs in enumerate(results):
         for size, out, expected in zip(SIZES, outputs, sequential):
             assert torch.equal(out, expected), f"repetition {repetition}, image {size}: differs from the sequential run"
@@ -95,15 +96,67 @@ def test_grids_with_equal_token_counts_get_their_own_masks():
 
 
 def test_thread_grid_is_its_own():
-    """A thread that has not run a forward sees no grid of another thread's forward."""
+    """A thread's own forward decides its grid; another thread's later forward does not change it."""
     model = dynamic_vit()
     attnmask.apply(model, heads=2, window=3)
+    layout = model.blocks[0].attn._attnmask_tokens
+    assert layout.last_grid is None  # no forward yet, in any thread
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 16))
-    layout = model.blocks[0].attn._attnmask_tokens
     assert layout.last_grid == (8, 2)
     seen = []
-    thread = threading.Thread(target=lambda: seen.append(layout.last_grid))
+
+    def other():
+        with torch.no_grad():
+            model(torch.randn(1, 3, 16, 64))
+        seen.append(layout.last_grid)
+
+    thread = threading.Thread(target=other)
     thread.start()
     thread.join()
-    assert seen == [None]
+    assert seen == [(2, 8)]
+    assert layout.last_grid == (8, 2)  # the main thread still reads its own
+
+
+def test_thread_without_a_forward_reads_the_latest_grid():
+    """Activation checkpointing reruns blocks during backward, and on CUDA the backward runs on
+    autograd's own thread, which never ran the patch embedding: that thread must mask the
+    block with the grid of the forward it recomputes (the latest), not the configured one."""
+    model = dynamic_vit()
+    attnmask.apply(model, heads="all", window=3, backend="sdpa")
+    block = model.blocks[0]
+    tokens = {}
+    hook = block.register_forward_pre_hook(lambda module, args: tokens.setdefault("x", args[0].detach().clone()))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 16, generator=torch.Generator().manual_seed(1)))  # an 8 x 2 grid
+    hook.remove()
+    with torch.no_grad():
+        here = block(tokens["x"])
+    recomputed = []
+
+    def recompute():
+        with torch.no_grad():
+            recomputed.append(block(tokens["x"]))
+
+    thread = threading.Thread(target=recompute)
+    thread.start()
+    thread.join()
+    assert len(recomputed) == 1  # the recompute raised nothing
+    torch.testing.assert_close(recomputed[0], here, rtol=0, atol=0)
+    attnmask.remove(model)
+    with torch.no_grad():
+        unmasked = block(tokens["x"])
+    assert not torch.allclose(unmasked, here, atol=1e-4)  # the block is masked: the check can fail
+
+
+def test_activation_checkpointing_gives_the_gradients_of_a_plain_backward():
+    """timm's grad checkpointing recomputes masked blocks during backward (on CUDA, on
+    autograd's thread: see the test above); gradients equal those of a plain backward."""
+    images = torch.randn(2, 3, 64, 16, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for checkpointing in (False, True):
+        model = attnmask.apply(dynamic_vit().train(), heads="all", window=3)
+        model.set_grad_checkpointing(checkpointing)
+        model(images).square().sum().backward()
+        grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)

@@ -50,23 +50,34 @@ def _grid_error(num_tokens: int, prefix_tokens: int, tried: str) -> ValueError:
     )
 
 
+_UNSET = object()
+
+
 class PerThread:
-    """One value per thread (``None`` until the thread sets it): what the latest forward *of
-    this thread* recorded. Threads running one model at different image sizes then never read
-    each other's grid. Copies and pickles start empty (the values belong to forwards of this
-    process)."""
+    """One value per thread: what the latest forward *of this thread* recorded, so threads
+    running one model at different image sizes never read each other's grid.
+
+    A thread that has recorded nothing reads the latest value recorded by any thread. That
+    thread is typically not serving its own images but recomputing someone else's forward:
+    activation checkpointing reruns checkpointed blocks during backward, and on CUDA the
+    backward runs on autograd's own device thread, which never ran the patch embedding.
+    Before any forward, the value is ``None``. Copies and pickles start empty (the values
+    belong to forwards of this process)."""
 
     def __init__(self) -> None:
         self._local = threading.local()
+        self._latest = None
 
     def __reduce__(self):
         return (PerThread, ())
 
     def get(self):
-        return getattr(self._local, "value", None)
+        value = getattr(self._local, "value", _UNSET)
+        return self._latest if value is _UNSET else value
 
     def set(self, value) -> None:
         self._local.value = value
+        self._latest = value
 
 
 class PatchLayout:
@@ -96,7 +107,8 @@ class PatchLayout:
 
     @property
     def last_grid(self) -> Optional[Grid]:
-        """The grid of this thread's latest forward (``None`` before its first)."""
+        """The grid of this thread's latest forward (a thread without one: the latest of any
+        thread; ``None`` before the first forward)."""
         return self._last.get()
 
     def __call__(self, module: nn.Module, args, output) -> None:
@@ -158,7 +170,7 @@ class KeptPatches:
 
     @property
     def keep(self) -> Optional[torch.Tensor]:
-        """The kept patches of this thread's latest forward."""
+        """The kept patches of this thread's latest forward (see :class:`PerThread`)."""
         return self._keep.get()
 
     def __call__(self, module: nn.Module, args, output) -> None:
