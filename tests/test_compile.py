@@ -146,3 +146,47 @@ def test_compiled_graph_holds_the_mask_as_a_constant():
     compiled(case.images(2, 1))
     assert cache.info()["entries"] == 0
     assert len(capture.graphs) == 1
+
+
+def _block_list(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's first list of two or more modules: its transformer blocks."""
+    return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) >= 2)
+
+
+def _regional_run(case, model, batches) -> tuple[list, Capture, dict]:
+    torch._dynamo.reset()
+    counters.clear()
+    capture = Capture()
+    blocks = _block_list(model)
+    originals = [block.forward for block in blocks]
+    for block in blocks:
+        block.compile(fullgraph=True, backend=capture)
+    try:
+        outputs = [case.forward(model, x) for x in batches]
+    finally:
+        for block in blocks:  # Module.compile is undone by dropping its compiled call
+            block._compiled_call_impl = None
+    assert [block.forward for block in blocks] == originals
+    return outputs, capture, {"breaks": sum(counters["graph_break"].values()), "graphs": len(capture.graphs), "blocks": len(blocks)}
+
+
+@pytest.mark.parametrize("case_id", ["timm-generic-vit-rope", "hf-ijepa"])
+@torch.no_grad()
+def test_regional_compile_of_structurally_patched_models(case_id):
+    """Blocks compiled on their own, the patch embedding and the model's own hooks eager: a
+    structurally patched layer reads the grid the eager part of this forward recorded (the
+    compiled region has no model-level hook of its own)."""
+    case = next(c for c in CASES if c.id == case_id)
+    model = case.build(0)
+    batches = [case.images(2, seed) for seed in range(3)]
+    _, _, plain = _regional_run(case, model, batches)
+    attnmask.apply(model, heads=0.5, window=case.window)
+    expected = [case.forward(model, x) for x in batches]
+    outputs, _, stats = _regional_run(case, model, batches)
+    for out, ref in zip(outputs, expected):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs[0], case.forward(attnmask.remove(model), batches[0]))
+    assert stats["breaks"] == plain["breaks"] == 0
+    # Structural layers read their own layer's name: at most one graph per block (and not
+    # one more per batch), against the unpatched model's graphs.
+    assert stats["graphs"] <= plain["graphs"] * stats["blocks"], f"{plain} unpatched, {stats} patched"

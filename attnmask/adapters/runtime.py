@@ -37,6 +37,7 @@ class Runtime:
         self.suffix = suffix
         self.local = threading.local()
         self._traced = _fresh_state()  # the state while torch.compile traces (see state())
+        self._traced_live = False  # whether a traced on_model renewed _traced (see state())
         self.enclosing: dict[str, tuple[str, ...]] = {}
         self._hooks: list = []
         self._register(model, sites)
@@ -62,12 +63,13 @@ class Runtime:
 
     def __getstate__(self) -> dict:
         # Per-thread shapes and hook handles belong to this process's forward, not to copies.
-        return {k: v for k, v in self.__dict__.items() if k not in ("local", "_hooks")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("local", "_hooks", "_traced", "_traced_live")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.local = threading.local()
         self._traced = _fresh_state()
+        self._traced_live = False
         self._hooks = []
 
     def remove(self) -> None:
@@ -77,18 +79,25 @@ class Runtime:
 
     def empty(self) -> bool:
         """Whether this thread has seen nothing of the current forward (no hook ran in it).
-        Never while torch.compile traces: the traced forward records its own shapes."""
-        if torch.compiler.is_compiling():
+        Never while torch.compile traces the whole forward: it records its own shapes."""
+        if self._tracing_forward():
             return False
         state = getattr(self.local, "state", None)
         return state is None or (state["image"] is None and not state["inputs"] and not state["patches"])
 
+    def _tracing_forward(self) -> bool:
+        """Whether torch.compile traces a forward that entered the model in the traced region
+        (its :meth:`on_model` ran while tracing). A compiled *region* (each block compiled on
+        its own, ``torch.compile(model.blocks[i])``) reads the shapes the eager part of the
+        forward recorded in this thread."""
+        return torch.compiler.is_compiling() and self._traced_live
+
     def state(self) -> dict:
-        """This thread's shapes of the current forward. While torch.compile traces, one plain
-        dict whose entries always exist and are overwritten, never read first: a compiled
-        forward then reads only what it recorded itself, not what the previous call left
-        (dynamo would guard on that, and recompile when it changed)."""
-        if torch.compiler.is_compiling():
+        """This thread's shapes of the current forward. While torch.compile traces the whole
+        forward, one plain dict whose entries always exist and are overwritten, never read
+        first: a compiled forward then reads only what it recorded itself, not what the
+        previous call left (dynamo would guard on that, and recompile when it changed)."""
+        if self._tracing_forward():
             return self._traced
         state = getattr(self.local, "state", None)
         if state is None:
@@ -98,6 +107,9 @@ class Runtime:
     def on_model(self, module: nn.Module, args, kwargs) -> None:
         if torch.compiler.is_compiling():
             self._traced = _fresh_state()  # a new forward starts from nothing the last one left
+            self._traced_live = True
+        else:
+            self._traced_live = False
         state = self.state()
         state["inputs"] = {}
         state["patches"] = []
@@ -133,7 +145,7 @@ class Runtime:
             image = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 else None
             feat = getattr(module, "dynamic_feat_size", None)
             grid = pair(feat(image.shape[-2:]) if image is not None and callable(feat) else module.grid_size)
-        if grid is not None and torch.compiler.is_compiling():
+        if grid is not None and self._tracing_forward():
             self.state()["patches"] = [grid]  # the latest grid only: reading the list would guard on it
         elif grid is not None:
             patches = self.state()["patches"]
