@@ -190,3 +190,42 @@ def test_regional_compile_of_structurally_patched_models(case_id):
     # Structural layers read their own layer's name: at most one graph per block (and not
     # one more per batch), against the unpatched model's graphs.
     assert stats["graphs"] <= plain["graphs"] * stats["blocks"], f"{plain} unpatched, {stats} patched"
+
+
+def resolution_params():
+    """(case, backend, dynamic): every kernel under both kinds of dynamic shapes; one of each
+    kernel by default, the rest with ``-m slow``."""
+    default = {("blocked", True), ("flex", True), ("flex", None), ("sdpa", None), ("generic", None)}
+    out = []
+    for case_id, backend in [("timm-vit-dynamic", b) for b in ("sdpa", "blocked", "flex", "auto")] + [("timm-generic-vit-rope", "auto")]:
+        for dynamic in (True, None):
+            key = ("generic" if "generic" in case_id else backend, dynamic)
+            name = f"{case_id}-{backend}-{'dynamic' if dynamic else 'automatic-dynamic'}"
+            out.append(pytest.param(case_id, backend, dynamic, id=name, marks=() if key in default else (pytest.mark.slow,)))
+    return out
+
+
+@pytest.mark.parametrize("case_id, backend, dynamic", resolution_params())
+@torch.no_grad()
+def test_compiled_at_several_resolutions(case_id, backend, dynamic):
+    """``dynamic=True``, or the default's automatic dynamic shapes once a second resolution
+    arrives: the grid stays a plain number (masks are per grid, looked up at trace time), so
+    each resolution is a graph of its own, as in the unpatched model, and the outputs are
+    the eager ones."""
+    case = next(c for c in CASES if c.id == case_id)
+    model = case.build(0)
+    images = [torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(i)) for i, size in enumerate([(32, 32), (48, 32), (64, 48)])]
+    counts = []
+    for patched in (False, True):
+        if patched:
+            attnmask.apply(model, heads=0.5, window=case.window, backend=backend)
+        expected = [case.forward(model, x) for x in images]
+        torch._dynamo.reset()
+        counters.clear()
+        capture = Capture()
+        compiled = torch.compile(lambda x: case.forward(model, x), fullgraph=True, dynamic=dynamic, backend=capture)
+        for x, ref in zip(images, expected):
+            torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
+        counts.append(len(capture.graphs))
+    assert counts[1] <= counts[0], f"graphs over 3 resolutions: {counts[0]} unpatched, {counts[1]} patched"
+    assert not torch.allclose(expected[0], case.forward(attnmask.remove(model), images[0]))

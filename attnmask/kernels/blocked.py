@@ -129,17 +129,19 @@ class Blocking:
     owner: torch.Tensor
     allowed: torch.Tensor
 
+    # size(), not .shape: under torch.compile(dynamic=True) dynamo cannot read the .shape of
+    # a constant tensor (assume_constant_result's), while size() works.
     @property
     def blocks(self) -> int:
-        return self.allowed.shape[1]
+        return self.allowed.size(1)
 
     @property
     def block_tokens(self) -> int:
-        return self.allowed.shape[2]
+        return self.allowed.size(2)
 
     @property
     def halo_keys(self) -> int:
-        return self.allowed.shape[3]
+        return self.allowed.size(3)
 
     @property
     def nbytes(self) -> int:

@@ -265,13 +265,15 @@ def block_mask(
         mask_mod = window_mod(mask, device)
         return create_block_mask(mask_mod, int(mask.positions.shape[0]), None, num_tokens, num_tokens, device, block_size)
     if torch.compiler.is_compiling():
-        # The block-level tensors are looked up once, at trace time, and are constants of the
-        # graph; only the (blocks x blocks) transposes of from_kv_blocks run per forward.
-        kv_blocks = _constant_kv_blocks(
+        # The block-level tensors (key and query sides) are looked up once, at trace time, and
+        # are constants of the graph: a compiled forward builds nothing of the block mask.
+        # (Not BlockMask.from_kv_blocks: its transposes, run in the graph on constants, fail to
+        # trace in torch 2.14's dynamo, and would be per-forward work besides.)
+        tensors = _constant_blocks(
             mask.store.id, mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block_size, order, str(device)
         )
-        return BlockMask.from_kv_blocks(
-            *kv_blocks, BLOCK_SIZE=block_size, mask_mod=_order_mod(mask, perm), seq_lengths=(num_tokens, num_tokens)
+        return BlockMask(
+            (num_tokens, num_tokens), *tensors, BLOCK_SIZE=(block_size, block_size), mask_mod=_order_mod(mask, perm)
         )
     return _cached_block_mask(mask, block_size, order, device, perm)
 
@@ -293,8 +295,15 @@ def _cached_block_mask(
     return mask.store.get(key, build)
 
 
+BLOCK_FIELDS = (
+    "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+    "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
+)
+"""The tensors of a :class:`BlockMask`, in the order of its constructor's arguments."""
+
+
 @torch._dynamo.assume_constant_result
-def _constant_kv_blocks(
+def _constant_blocks(
     cache_id: int,
     grid: tuple[int, int],
     window: tuple[int, int],
@@ -304,13 +313,13 @@ def _constant_kv_blocks(
     order: str,
     device: str,
 ) -> tuple[torch.Tensor, ...]:
-    """The key-side tensors of :func:`_cached_block_mask`'s block mask, from constants (run
-    by dynamo at trace time; the result is a constant of the compiled graph)."""
+    """The tensors of :func:`_cached_block_mask`'s block mask (:data:`BLOCK_FIELDS`), from
+    constants: run by dynamo at trace time, the result is a constant of the compiled graph."""
     place = torch.device(device)
     geometry = LocalMask(grid, window, prefix_tokens, 1, (0,), prefix, cache=cache_by_id(cache_id))
     orders = None if order == "rows" else _cached_order(geometry, block_size, place)
     blocks = _cached_block_mask(geometry, block_size, order, place, None if orders is None else orders[0])
-    return blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices
+    return tuple(getattr(blocks, name) for name in BLOCK_FIELDS)
 
 
 def window_mod(mask: LocalMask, device: torch.device) -> MaskMod:
