@@ -67,7 +67,7 @@ def mask_cache(model: nn.Module) -> Optional[MaskCache]:
     """The :class:`~attnmask.masks.MaskCache` of a patched model's installation (shared by
     its patched layers; ``info()`` gives the bytes it holds now and at its peak, and
     ``max_bytes`` its bound), or ``None`` if the model is not patched."""
-    return unwrap(model).__dict__.get(CACHE_ATTR)
+    return unwrap(check_model(model)).__dict__.get(CACHE_ATTR)
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -809,8 +809,8 @@ def run_timing_case(side, batch, masked, backward, device, dtype, settings) -> l
         if name == "sdpa-onecall":
             key = (dtype, HEAD_DIM, HEAD_DIM, mask.num_tokens, HEADS, q.device)
             row["one_call_path"] = (
-                "cudnn" if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and key not in sdpa_module._CUDNN_REFUSED
-                else "split (cuDNN refused)" if key in sdpa_module._CUDNN_REFUSED else "split (not CUDA half precision)"
+                "cudnn" if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not sdpa_module.cudnn_refused(key)
+                else "split (cuDNN refused)" if sdpa_module.cudnn_refused(key) else "split (not CUDA half precision)"
             )
             row["cudnn_newly_refused"] = [str(item) for item in set(sdpa_module._CUDNN_REFUSED) - refused_before]
         if name == "auto":
@@ -863,8 +863,8 @@ def run_one_call_case(case, device) -> dict[str, Any]:
         "one_call_possible": bool(sdpa_module._one_call_possible(q, mask)),
     }
     key = (q.dtype, q.shape[-1], v.shape[-1], q.shape[-2], q.shape[1], q.device)
-    row["refused_before"] = key in sdpa_module._CUDNN_REFUSED
-    sdpa_module._CUDNN_REFUSED.pop(key, None)  # try it for real, whatever an earlier case did
+    row["refused_before"] = sdpa_module.cudnn_refused(key)
+    sdpa_module.accept_cudnn(key)  # try it for real, whatever an earlier case did
     with torch.no_grad():
         reference = reference_attention(q.double(), k.double(), v.double(), mask).float()
         try:

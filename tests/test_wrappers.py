@@ -60,7 +60,7 @@ def test_data_parallel_wrappers_are_seen_through():
     del x
 
 
-@pytest.mark.parametrize("function", ["remove", "describe", "get_spec", "is_patched", "inspect", "apply"])
+@pytest.mark.parametrize("function", ["remove", "describe", "get_spec", "is_patched", "inspect", "apply", "mask_cache"])
 @pytest.mark.parametrize("value", [None, "vit", 3])
 def test_non_module_model_is_a_type_error_naming_model(function, value):
     with pytest.raises(TypeError) as info:
