@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -33,14 +32,9 @@ import timm
 import torch
 
 import attnmask
+from attnmask.bench.timing import device_slug, environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def timed(fn, x: torch.Tensor, device: torch.device) -> float:
@@ -160,17 +154,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    result = {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "threads": torch.get_num_threads(),
-    }
+    result = {"script": "benchmarks/compile_and_cache.py", "env": environment(device, "float32")}
     if args.only in (None, "compile"):
         result["compile"] = compile_rows(args.model, args.sizes, args.batch, args.rounds, args.compile_backends, device)
     if args.only in (None, "cache"):
         result["cache"] = cache_rows(args.cache_size, args.cache_backends, device)
-    out = Path(args.out) if args.out else RESULTS / f"compile_cache_{device.type}.json"
+    out = Path(args.out) if args.out else RESULTS / f"compile_cache_{device_slug(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

@@ -199,6 +199,58 @@ def caps_section(caps: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def load_compiled(results: Path) -> list[tuple[str, dict]]:
+    """Results of ``benchmarks/compile_and_cache.py`` as ``(file stem, data)``, by file name."""
+    found = []
+    for path in sorted(results.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("script") == "benchmarks/compile_and_cache.py":
+            found.append((path.stem, data))
+    return found
+
+
+def compiled_section(found: list[tuple[str, dict]]) -> list[str]:
+    """Tables of ``benchmarks/compile_and_cache.py`` results: compiled patched against
+    compiled unpatched models, and the bytes the mask cache holds per backend."""
+    lines = ["## Compiled models and the mask cache", "",
+             "`benchmarks/compile_and_cache.py`: a patched ViT and the same ViT unpatched, both compiled with "
+             "`torch.compile` (inductor), timed interleaved in one process (inference, batch as shown). "
+             "Ratio = patched time / unpatched time (below 1: the patched model is faster), the median of "
+             "the per-round ratios; the eager ratio is measured the same way. Under `torch.compile` the masks "
+             "are looked up once, while tracing, and enter the graph as constants: a compiled forward builds no "
+             "mask. Then the peak bytes of the model's mask cache (`attnmask.mask_cache(model).info()`) after "
+             "one forward of ViT-B/16 at 1024 px (4097 tokens), half the heads masked, window 7, per backend.", ""]
+    for stem, data in found:
+        lines += [f"Measured on {taken_on(data['env'])}; results in `benchmarks/results/{stem}.json`.", ""]
+        rows = data.get("compile") or []
+        if rows:
+            lines += ["| model | px | tokens | batch | backend | heads masked | window | compiled ratio | eager ratio | "
+                      "compiled unpatched ms | compile s |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for row in rows:
+                lines.append(
+                    f"| `{row['model']}` | {row['size']} | {row['tokens']} | {row['batch']} | {row['backend']} | "
+                    f"{row['heads']} | {row['window']} | {row['compiled']['ratio']:.3f} | {row['eager']['ratio']:.3f} | "
+                    f"{row['compiled']['unpatched_ms']:.1f} | {row['compile_s']:.0f} |"
+                )
+            lines.append("")
+        cache = data.get("cache") or []
+        measured = [row for row in cache if "peak_bytes" in row]
+        if measured:
+            lines += ["| backend | model | px | tokens | entries | peak bytes | peak MiB |", "|---|---|---|---|---|---|---|"]
+            for row in measured:
+                lines.append(f"| {row['backend']} | `{row['model']}` | {row['size']} | {row['tokens']} | {row['entries']} | "
+                             f"{row['peak_bytes']:,} | {row['peak_mib']:.2f} |")
+            lines.append("")
+        for row in cache:
+            if "error" in row:
+                lines += [f"Not measured: `{row['backend']}`: {row['error']}", ""]
+    return lines
+
+
 def taken_on(env: dict[str, Any], settings: Optional[dict[str, Any]] = None) -> str:
     """``"NVIDIA H100 80GB HBM3, bfloat16, torch 2.11.0, timm 1.0.31, ..."``."""
     parts = [env["device"], env.get("dtype", "?")]
@@ -380,6 +432,9 @@ def render(results: Path) -> str:
     caps = load_caps(results)
     if caps:
         lines += caps_section(caps)
+    compiled = load_compiled(results)
+    if compiled:
+        lines += compiled_section(compiled)
     if probes:
         lines += probe_section(probes)
     if changes:
