@@ -162,7 +162,9 @@ class Runtime:
             out.append((grid, "the layer's size argument"))
         if windows > 1 and site.window is not None:
             out.append((site.window, "the layer's window size"))
-        for name in self.enclosing.get(site.name, ()):
+        # Only when this forward recorded 4-D inputs: reading the layer's own ancestors (its
+        # name) while torch.compile traces one block would make each block a graph of its own.
+        for name in self.enclosing.get(site.name, ()) if state["inputs"] else ():
             shape = state["inputs"].get(name)
             for grid in grid_candidates(shape or ()):
                 out.append((grid, f"the 4-D input of {name}"))
