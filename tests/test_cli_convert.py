@@ -76,7 +76,7 @@ def test_convert_hf_folder_then_inspect(sources, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
     saved = json.loads((out / "config.json").read_text())["attnmask"]
     assert (saved["heads"], saved["window"], saved["prefix"], saved["mode"]) == ([[0, 1], [0, 1]], [3, 3], "isolated", "hard")
-    assert saved["base_model"] == str(sources["hf-vit"])
+    assert saved["base_model"] == sources["hf-vit"].name  # the source folder by name, not its absolute path
 
     model = attnmask.apply(BY_ID["hf-vit"].build(), heads=2, window=3, prefix="isolated")
     x = images(BY_ID["hf-vit"])

@@ -251,7 +251,7 @@ def test_timm_without_local_dir_support(saved, tmp_path, monkeypatch, case_id):
         close(tensor, saved.masked[case_id][name])
     out = attnmask.save_pretrained(model, tmp_path / "again")
     again = json.loads((out / "config.json").read_text())["attnmask"]
-    assert again.pop("base_model") == str(saved.folders[case_id])
+    assert again.pop("base_model") == saved.folders[case_id].name  # by folder name, not absolute path
     assert again == json.loads((saved.folders[case_id] / "config.json").read_text())["attnmask"]
 
 

@@ -15,7 +15,7 @@ from ..api import get_spec, unwrap
 from ..spec import Heads, check_mode, check_prefix, normalize_window
 from . import hf_io, timm_io
 from .apply import apply_saved
-from .card import render
+from .card import public_name, render
 from .folder import check_target, staged_folder
 from .saved import KEY, SavedMasks, check_layer_names
 from .source import Source, open_source
@@ -113,7 +113,8 @@ def save_pretrained(
             unmasked). ``False``: the host library loads the unmasked base model anywhere;
             only :func:`from_pretrained` applies the masks.
         base_model: Where the weights came from, for the model card (default: what
-            :func:`from_pretrained` or the host library recorded).
+            :func:`from_pretrained` or the host library recorded; a local path of those is saved
+            by its folder name only, as the folder may be published).
         repo_id: Hub repository the folder is meant for: the model card's code uses it.
         model_args: timm only: the keyword arguments ``timm.create_model`` needs to rebuild
             ``model`` (e.g. ``dict(img_size=384)``). Default: those timm recorded (timm >= 1.0.31)
@@ -146,7 +147,9 @@ def save_pretrained(
     out = Path(save_directory)
     check_target(out, overwrite)
     host = hf_io if library == "transformers" else timm_io
-    base = base_model or model.__dict__.get(BASE_MODEL) or host.base_model(model) or None
+    derived = model.__dict__.get(BASE_MODEL) or host.base_model(model)
+    # A derived local path is saved by its folder name only (the folder may be published).
+    base = base_model or (public_name(derived) if derived else None)
     from .. import __version__
 
     saved = SavedMasks(spec, auto_apply, base, __version__)

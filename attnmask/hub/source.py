@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .card import public_name
 from .saved import KEY, REPO_ID, SavedMasks
 
 ACCEPTED = "a local folder, a Hub repo id (org/name), 'hf-hub:org/name', 'timm/<name>' or a timm model name"
@@ -56,10 +57,12 @@ class Source:
 
     @property
     def base_model(self) -> str:
-        """What the model card calls the origin: the saved base model, else the repo id or folder."""
+        """What the model card and a saved config call the origin: the saved base model, else
+        the repo id, else the folder by its name (never an absolute local path: folders are
+        published)."""
         if self.saved is not None and self.saved.base_model:
-            return self.saved.base_model
-        return self.repo_id or str(self.folder)
+            return public_name(self.saved.base_model)
+        return self.repo_id or public_name(str(self.folder))
 
     def fetch_weights(self) -> Path:
         """Download (Hub) or find (folder) the safetensors weights; return the folder holding them.
