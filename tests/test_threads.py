@@ -120,8 +120,10 @@ def test_thread_grid_is_its_own():
 
 def test_thread_without_a_forward_reads_the_latest_grid():
     """Activation checkpointing reruns blocks during backward, and on CUDA the backward runs on
-    autograd's own thread, which never ran the patch embedding: that thread must mask the
-    block with the grid of the forward it recomputes (the latest), not the configured one."""
+    autograd's own thread, which never ran the patch embedding: that thread masks the block
+    with the latest forward's grid (8 x 2 here), not the configured one (4 x 4, which holds
+    as many tokens and fitted silently before). A recompute on another thread is simulated
+    on the CPU by running the block from a fresh thread."""
     model = dynamic_vit()
     attnmask.apply(model, heads="all", window=3, backend="sdpa")
     block = model.blocks[0]
@@ -150,8 +152,9 @@ def test_thread_without_a_forward_reads_the_latest_grid():
 
 
 def test_activation_checkpointing_gives_the_gradients_of_a_plain_backward():
-    """timm's grad checkpointing recomputes masked blocks during backward (on CUDA, on
-    autograd's thread: see the test above); gradients equal those of a plain backward."""
+    """timm's grad checkpointing recomputes masked blocks during backward; gradients equal
+    those of a plain backward. (On the CPU the recompute runs on the calling thread: the
+    CUDA case, autograd's own thread, is the test above's.)"""
     images = torch.randn(2, 3, 64, 16, generator=torch.Generator().manual_seed(3))
     grads = []
     for checkpointing in (False, True):
@@ -160,3 +163,19 @@ def test_activation_checkpointing_gives_the_gradients_of_a_plain_backward():
         model(images).square().sum().backward()
         grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_kept_patches_are_never_another_threads():
+    """Kept patches are per-sample indices of one forward: a thread that recorded none reads
+    ``None`` (and a shuffled layout then refuses the call), never another forward's indices."""
+    from attnmask.adapters.layouts import KeptPatches
+
+    kept = KeptPatches.from_patch_drop()
+    keep = torch.tensor([[0, 2, 3]])
+    kept(None, (), (torch.zeros(1, 3, 4), keep))
+    assert kept.keep is keep
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(kept.keep))
+    thread.start()
+    thread.join()
+    assert seen == [None]

@@ -171,7 +171,7 @@ class SiteState:
             k = self.runtime.key_geometry(self, call, nk, batch, extra, q)
             if k is None:
                 raise ValueError(f"{nk} keys fit no grid related to the {q.grid[0]}x{q.grid[1]} query grid")
-        if len(self.resolved) < 64 and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and len(self.resolved) < 64:  # (not read while tracing: guarded on)
             self.resolved[key] = (q, k)
         return q, k
 

@@ -57,23 +57,31 @@ class PerThread:
     """One value per thread: what the latest forward *of this thread* recorded, so threads
     running one model at different image sizes never read each other's grid.
 
-    A thread that has recorded nothing reads the latest value recorded by any thread. That
-    thread is typically not serving its own images but recomputing someone else's forward:
-    activation checkpointing reruns checkpointed blocks during backward, and on CUDA the
-    backward runs on autograd's own device thread, which never ran the patch embedding.
-    Before any forward, the value is ``None``. Copies and pickles start empty (the values
-    belong to forwards of this process)."""
+    With ``fallback`` (grids), a thread that has recorded nothing reads the latest value
+    recorded by any thread. Such a thread is typically recomputing a forward rather than
+    serving images of its own: activation checkpointing reruns checkpointed blocks during
+    backward, and on CUDA the backward runs on autograd's own device thread, which never ran
+    the patch embedding. It then gets the grid of the *latest* forward, which is the one it
+    recomputes in the usual one-forward-one-backward step (not when several forwards at
+    different sizes run before one backward). A grid read this way is still checked against
+    the token count. Without ``fallback`` (per-sample kept patches, which belong to
+    particular samples), such a thread reads ``None``. Before any forward, the value is
+    ``None``. Copies and pickles start empty (the values belong to forwards of this process).
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, fallback: bool = True) -> None:
         self._local = threading.local()
         self._latest = None
+        self.fallback = fallback
 
     def __reduce__(self):
-        return (PerThread, ())
+        return (PerThread, (self.fallback,))
 
     def get(self):
         value = getattr(self._local, "value", _UNSET)
-        return self._latest if value is _UNSET else value
+        if value is _UNSET:
+            return self._latest if self.fallback else None
+        return value
 
     def set(self, value) -> None:
         self._local.value = value
@@ -166,7 +174,7 @@ class KeptPatches:
     def __init__(self, read: Callable[[object], Optional[torch.Tensor]], required: bool = False) -> None:
         self.read = read
         self.required = required
-        self._keep = PerThread()
+        self._keep = PerThread(fallback=False)  # per-sample indices: never another forward's
 
     @property
     def keep(self) -> Optional[torch.Tensor]:

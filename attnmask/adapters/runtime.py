@@ -35,7 +35,7 @@ class Runtime:
     def __init__(self, model: nn.Module, sites: Sequence[str], prefix_hint: Optional[int], suffix: int = 0) -> None:
         self.prefix_hint = prefix_hint
         self.suffix = suffix
-        self.local = threading.local()
+        self.local = _ThreadState()
         self._traced = _fresh_state()  # the state while torch.compile traces (see state())
         self._traced_live = False  # whether a traced on_model renewed _traced (see state())
         self.enclosing: dict[str, tuple[str, ...]] = {}
@@ -45,6 +45,7 @@ class Runtime:
     # hooks
     def _register(self, model: nn.Module, sites: Sequence[str]) -> None:
         self._hooks.append(model.register_forward_pre_hook(self.on_model, with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(self.on_model_end, always_call=True))
         ancestors: set[str] = set()
         for site in sites:
             parts = site.split(".")
@@ -67,7 +68,7 @@ class Runtime:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.local = threading.local()
+        self.local = _ThreadState()
         self._traced = _fresh_state()
         self._traced_live = False
         self._hooks = []
@@ -82,8 +83,8 @@ class Runtime:
         Never while torch.compile traces the whole forward: it records its own shapes."""
         if self._tracing_forward():
             return False
-        state = getattr(self.local, "state", None)
-        return state is None or (state["image"] is None and not state["inputs"] and not state["patches"])
+        state = self.local.state
+        return state["image"] is None and not state["inputs"] and not state["patches"]
 
     def _tracing_forward(self) -> bool:
         """Whether torch.compile traces a forward that entered the model in the traced region
@@ -99,10 +100,7 @@ class Runtime:
         previous call left (dynamo would guard on that, and recompile when it changed)."""
         if self._tracing_forward():
             return self._traced
-        state = getattr(self.local, "state", None)
-        if state is None:
-            state = self.local.state = _fresh_state()
-        return state
+        return self.local.state
 
     def on_model(self, module: nn.Module, args, kwargs) -> None:
         if torch.compiler.is_compiling():
@@ -116,6 +114,11 @@ class Runtime:
         image = _first_tensor(args, kwargs, dims=(4,))
         state["image"] = (int(image.shape[0]), (int(image.shape[-2]), int(image.shape[-1]))) if image is not None else None
         state["spatial_shapes"] = _spatial_shapes(module, args, kwargs)
+
+    def on_model_end(self, module: nn.Module, args, output) -> None:
+        """The model's forward ended (also by an exception): the traced state it renewed is
+        not for a later compiled region of another forward."""
+        self._traced_live = False
 
     def on_shapes(self, module: nn.Module, args, kwargs) -> None:
         shapes = _spatial_shapes(module, args, kwargs)
@@ -145,8 +148,10 @@ class Runtime:
             image = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 else None
             feat = getattr(module, "dynamic_feat_size", None)
             grid = pair(feat(image.shape[-2:]) if image is not None and callable(feat) else module.grid_size)
-        if grid is not None and self._tracing_forward():
-            self.state()["patches"] = [grid]  # the latest grid only: reading the list would guard on it
+        if grid is not None and torch.compiler.is_compiling():
+            # The latest grid only, also when the traced region starts below the model (a
+            # compiled forward_features): reading the list would guard on earlier forwards'.
+            self.state()["patches"] = [grid]
         elif grid is not None:
             patches = self.state()["patches"]
             patches.insert(0, grid)
@@ -212,6 +217,14 @@ class Runtime:
 
 def _fresh_state() -> dict:
     return {"image": None, "inputs": {}, "patches": [], "spatial_shapes": None}
+
+
+class _ThreadState(threading.local):
+    """Per-thread shapes; ``state`` exists in every thread from its first access (a compiled
+    region that found it missing would be guarded on its absence, and recompile once)."""
+
+    def __init__(self) -> None:
+        self.state = _fresh_state()
 
 
 class _Recorder:

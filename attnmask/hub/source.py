@@ -58,10 +58,10 @@ class Source:
     @property
     def base_model(self) -> str:
         """What the model card and a saved config call the origin: the saved base model, else
-        the repo id, else the folder by its name (never an absolute local path: folders are
+        the repo id, else the folder by its name (not an absolute local path: folders are
         published)."""
         if self.saved is not None and self.saved.base_model:
-            return public_name(self.saved.base_model)
+            return self.saved.base_model  # as saved (a local path was saved by its folder name)
         return self.repo_id or public_name(str(self.folder))
 
     def fetch_weights(self) -> Path:

@@ -273,7 +273,10 @@ def block_mask(
             mask.store.id, mask.grid, mask.window, mask.prefix_tokens, mask.prefix, block_size, order, str(device)
         )
         return BlockMask(
-            (num_tokens, num_tokens), *tensors, BLOCK_SIZE=(block_size, block_size), mask_mod=_order_mod(mask, perm)
+            seq_lengths=(num_tokens, num_tokens),
+            **dict(zip(BLOCK_FIELDS, tensors)),
+            BLOCK_SIZE=(block_size, block_size),
+            mask_mod=_order_mod(mask, perm),
         )
     return _cached_block_mask(mask, block_size, order, device, perm)
 
@@ -299,7 +302,7 @@ BLOCK_FIELDS = (
     "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
 )
-"""The tensors of a :class:`BlockMask`, in the order of its constructor's arguments."""
+"""The tensors of a :class:`BlockMask` (its constructor's argument names)."""
 
 
 @torch._dynamo.assume_constant_result
