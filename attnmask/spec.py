@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -196,10 +197,13 @@ class LayerPlan:
         Every adapter builds its masks here, when the grid of a call is known; a window that
         covers that grid (the masked heads stay global) is warned about once per geometry
         (:func:`warn_if_window_covers_grid`)."""
+        # operator.index, not int(): under torch.compile with dynamic shapes a grid read off a
+        # tensor's shape is symbolic, and int() keeps it so, while index() specialises it to
+        # the number (masks are per grid: looked up while tracing, constants of the graph).
         mask = LocalMask(
-            grid=(int(grid[0]), int(grid[1])),
+            grid=(operator.index(grid[0]), operator.index(grid[1])),
             window=self.window,
-            prefix_tokens=prefix_tokens,
+            prefix_tokens=operator.index(prefix_tokens),
             num_heads=self.num_heads,
             heads=self.heads,
             prefix=self.prefix,

@@ -192,7 +192,7 @@ def test_regional_compile_of_structurally_patched_models(case_id):
 def resolution_params():
     """(case, backend, dynamic): every kernel under both kinds of dynamic shapes; one of each
     kernel by default, the rest with ``-m slow``."""
-    default = {("blocked", True), ("flex", True), ("flex", None), ("sdpa", None), ("generic", None)}
+    default = {("blocked", True), ("flex", True), ("flex", None), ("sdpa", None), ("generic", None), ("generic", True)}
     out = []
     for case_id, backend in [("timm-vit-dynamic", b) for b in ("sdpa", "blocked", "flex", "auto")] + [("timm-generic-vit-rope", "auto")]:
         for dynamic in (True, None):
