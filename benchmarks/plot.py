@@ -166,17 +166,18 @@ def load(results: Path) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]],
     return suites, overheads, changes, probes
 
 
-def load_caps(results: Path) -> list[tuple[str, dict]]:
-    """Results of ``benchmarks/model_cap.py`` as ``(file stem, data)``, sorted by file name."""
-    caps = []
+def load_script(results: Path, script: str) -> list[tuple[str, dict]]:
+    """Results written by ``script`` (their ``"script"`` field, e.g.
+    ``"benchmarks/model_cap.py"``) as ``(file stem, data)``, sorted by file name."""
+    found = []
     for path in sorted(results.glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and data.get("script") == "benchmarks/model_cap.py":
-            caps.append((path.stem, data))
-    return caps
+        if isinstance(data, dict) and data.get("script") == script:
+            found.append((path.stem, data))
+    return found
 
 
 def caps_section(caps: list[tuple[str, dict]]) -> list[str]:
@@ -197,19 +198,6 @@ def caps_section(caps: list[tuple[str, dict]]) -> list[str]:
                          f"{row['ms']['unpatched']:.0f} | {speed['blocked']:.2f}x | {speed['masked heads free']:.2f}x |")
         lines.append("")
     return lines
-
-
-def load_compiled(results: Path) -> list[tuple[str, dict]]:
-    """Results of ``benchmarks/compile_and_cache.py`` as ``(file stem, data)``, by file name."""
-    found = []
-    for path in sorted(results.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and data.get("script") == "benchmarks/compile_and_cache.py":
-            found.append((path.stem, data))
-    return found
 
 
 def compiled_section(found: list[tuple[str, dict]]) -> list[str]:
@@ -429,10 +417,10 @@ def render(results: Path) -> str:
         lines += suite_section(stem, data)
     if not any(data["env"].get("device_type") == "cuda" for _, data in suites):
         lines.append(GPU_PENDING)
-    caps = load_caps(results)
+    caps = load_script(results, "benchmarks/model_cap.py")
     if caps:
         lines += caps_section(caps)
-    compiled = load_compiled(results)
+    compiled = load_script(results, "benchmarks/compile_and_cache.py")
     if compiled:
         lines += compiled_section(compiled)
     if probes:
